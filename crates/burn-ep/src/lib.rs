@@ -1,0 +1,15 @@
+//! burn-ep: expert parallelism for Burn.
+//!
+//! An [`EpGroup`] is one rank's member of a group of ranks that share the experts of
+//! a Mixture-of-Experts layer. [`EpGroup::dispatch`] sends every token to the ranks
+//! that hold its top-k experts and returns the rows grouped by local expert, with a
+//! [`Routing`] handle; [`EpGroup::dispatch_cached`] replays a handle with a new
+//! payload; [`EpGroup::combine`] brings the expert outputs back, weighted and summed.
+
+mod group;
+mod routing;
+
+pub use ep_core::{EpConfig, EpError, EpResult};
+pub use ep_mesh::{local_comms, run_local, LocalComm, Mesh, DEFAULT_TIMEOUT};
+pub use group::{Dispatched, EpGroup};
+pub use routing::Routing;

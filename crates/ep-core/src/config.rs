@@ -1,0 +1,115 @@
+//! The configuration of an expert-parallel group.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EpError, EpResult};
+
+/// Everything a group needs to know to move tokens: who it is, how experts are
+/// placed, and the limits its buffers are sized for.
+///
+/// Experts are owned in contiguous blocks: expert `e` lives on rank
+/// `e / (num_experts / world_size)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpConfig {
+    pub world_size: usize,
+    pub rank: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub hidden_size: usize,
+    pub max_tokens_per_rank: usize,
+    /// Each expert's group of rows is padded to a multiple of this (1, 8, 16, 128 ...).
+    pub expert_alignment: usize,
+    /// Sequence-parallel degree: the token dimension is padded to a multiple of it.
+    pub sp_size: usize,
+}
+
+impl EpConfig {
+    /// A config with alignment 1, no sequence parallelism and room for 4096 tokens per rank.
+    pub fn new(world_size: usize, num_experts: usize, top_k: usize, hidden_size: usize) -> Self {
+        Self {
+            world_size,
+            rank: 0,
+            num_experts,
+            top_k,
+            hidden_size,
+            max_tokens_per_rank: 4096,
+            expert_alignment: 1,
+            sp_size: 1,
+        }
+    }
+
+    pub fn with_rank(mut self, rank: usize) -> Self {
+        self.rank = rank;
+        self
+    }
+
+    pub fn with_max_tokens_per_rank(mut self, max: usize) -> Self {
+        self.max_tokens_per_rank = max;
+        self
+    }
+
+    pub fn with_expert_alignment(mut self, alignment: usize) -> Self {
+        self.expert_alignment = alignment;
+        self
+    }
+
+    pub fn with_sp_size(mut self, sp_size: usize) -> Self {
+        self.sp_size = sp_size;
+        self
+    }
+
+    /// Checks that the numbers describe a group that can exist.
+    pub fn validate(&self) -> EpResult<()> {
+        let bad = |msg: String| Err(EpError::InvalidConfig(msg));
+        if self.world_size == 0 {
+            return bad("world_size must be at least 1".into());
+        }
+        if self.rank >= self.world_size {
+            return bad(format!(
+                "rank {} is outside a world of {}",
+                self.rank, self.world_size
+            ));
+        }
+        if self.num_experts == 0 || !self.num_experts.is_multiple_of(self.world_size) {
+            return bad(format!(
+                "num_experts ({}) must be a positive multiple of world_size ({})",
+                self.num_experts, self.world_size
+            ));
+        }
+        if self.top_k == 0 || self.top_k > self.num_experts {
+            return bad(format!(
+                "top_k ({}) must be in 1..={}",
+                self.top_k, self.num_experts
+            ));
+        }
+        if self.hidden_size == 0 {
+            return bad("hidden_size must be at least 1".into());
+        }
+        if self.expert_alignment == 0 {
+            return bad("expert_alignment must be at least 1".into());
+        }
+        if self.sp_size == 0 {
+            return bad("sp_size must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn experts_per_rank(&self) -> usize {
+        self.num_experts / self.world_size
+    }
+
+    /// The rank that owns global expert `expert`.
+    pub fn rank_of_expert(&self, expert: usize) -> usize {
+        expert / self.experts_per_rank()
+    }
+
+    /// The index of global expert `expert` among its owner's experts.
+    pub fn local_expert(&self, expert: usize) -> usize {
+        expert % self.experts_per_rank()
+    }
+
+    /// `count` rounded up to the expert alignment.
+    pub fn aligned(&self, count: usize) -> usize {
+        count.div_ceil(self.expert_alignment) * self.expert_alignment
+    }
+}

@@ -1,0 +1,129 @@
+//! The one error type of burn-ep: every kind of bad input or failed peer has a variant.
+
+use std::fmt;
+use std::time::Duration;
+
+/// What went wrong in a burn-ep call. Each variant names the offending input so the
+/// message alone is enough to fix the call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EpError {
+    /// The group configuration is inconsistent (e.g. experts not divisible by ranks).
+    InvalidConfig(String),
+    /// A top-k slot holds an id that is neither `-1` nor in `0..num_experts`.
+    ExpertIdOutOfRange {
+        rank: usize,
+        token: usize,
+        slot: usize,
+        id: i64,
+        num_experts: usize,
+    },
+    /// A token names the same expert in two of its top-k slots.
+    DuplicateExpert {
+        rank: usize,
+        token: usize,
+        expert: i64,
+    },
+    /// A tensor's shape is not the one the call needs.
+    ShapeMismatch {
+        what: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    /// A tensor's element type is not the one the call needs.
+    DTypeMismatch {
+        what: String,
+        expected: String,
+        got: String,
+    },
+    /// A tensor is on another device than the group (or than the handle it replays).
+    DeviceMismatch {
+        what: String,
+        expected: String,
+        got: String,
+    },
+    /// A rank was given more tokens than the configured maximum.
+    TooManyTokens {
+        rank: usize,
+        tokens: usize,
+        max: usize,
+    },
+    /// A replay (cached dispatch, combine, backward) does not match its routing handle.
+    ReplayMismatch {
+        what: String,
+        handle: String,
+        got: String,
+    },
+    /// A peer rank failed (panicked, returned an error or left) before answering.
+    PeerFailed { rank: usize, reason: String },
+    /// Peers did not answer within the configured timeout.
+    Timeout {
+        rank: usize,
+        waiting_for: Vec<usize>,
+        after: Duration,
+    },
+    /// The transport itself failed (wrong message, missing peer access, ...).
+    Transport(String),
+}
+
+impl fmt::Display for EpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EpError::InvalidConfig(msg) => write!(f, "invalid expert-parallel config: {msg}"),
+            EpError::ExpertIdOutOfRange {
+                rank,
+                token,
+                slot,
+                id,
+                num_experts,
+            } => write!(
+                f,
+                "rank {rank}: topk_idx[{token}, {slot}] = {id} is not -1 and not in 0..{num_experts}"
+            ),
+            EpError::DuplicateExpert {
+                rank,
+                token,
+                expert,
+            } => write!(
+                f,
+                "rank {rank}: token {token} names expert {expert} in more than one top-k slot"
+            ),
+            EpError::ShapeMismatch {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what}: expected shape {expected:?}, got {got:?}"),
+            EpError::DTypeMismatch {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what}: expected dtype {expected}, got {got}"),
+            EpError::DeviceMismatch {
+                what,
+                expected,
+                got,
+            } => write!(f, "{what}: expected device {expected}, got {got}"),
+            EpError::TooManyTokens { rank, tokens, max } => write!(
+                f,
+                "rank {rank}: {tokens} tokens exceed the configured maximum of {max} per rank"
+            ),
+            EpError::ReplayMismatch { what, handle, got } => write!(
+                f,
+                "replay does not match its routing handle: {what} is {got}, the handle recorded {handle}"
+            ),
+            EpError::PeerFailed { rank, reason } => write!(f, "peer rank {rank} failed: {reason}"),
+            EpError::Timeout {
+                rank,
+                waiting_for,
+                after,
+            } => write!(
+                f,
+                "rank {rank}: no answer from rank(s) {waiting_for:?} within {after:?}"
+            ),
+            EpError::Transport(msg) => write!(f, "transport error: {msg}"),
+        }
+    }
+}
+
+impl std::error::Error for EpError {}
+
+pub type EpResult<T> = Result<T, EpError>;

@@ -1,0 +1,17 @@
+//! ep-core: the routing contract of burn-ep, with no tensor library in sight.
+//!
+//! - [`EpConfig`] describes a group; [`EpError`] names every kind of bad input.
+//! - [`validate`] checks routing inputs; [`padding`] does the sequence-parallel arithmetic.
+//! - [`layout`] is the host-side layout arithmetic backends without kernels use.
+//! - [`reference`] is the plain-Rust oracle every backend and transport is tested against.
+
+mod config;
+mod error;
+pub mod layout;
+pub mod padding;
+pub mod reference;
+pub mod synthetic;
+pub mod validate;
+
+pub use config::EpConfig;
+pub use error::{EpError, EpResult};

@@ -1,0 +1,255 @@
+//! EpGroup beyond the grid: several layers on one group, sequence-parallel padding,
+//! and the errors bad input must give.
+
+mod common;
+
+use burn::tensor::backend::Backend;
+use common::*;
+use ep_core::reference::{self, RankBatch};
+use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
+use ep_core::{EpConfig, EpError};
+use rstest::rstest;
+
+fn on<R>(
+    which: Which,
+    ndarray: impl FnOnce(burn::tensor::Device<NdArray>) -> R,
+    wgpu: impl FnOnce(burn::tensor::Device<Wgpu>) -> R,
+) -> R {
+    match which {
+        Which::NdArray => ndarray(Default::default()),
+        Which::Wgpu => wgpu(Default::default()),
+    }
+}
+
+/// One group, three layers: three dispatches with three handles, then the combines
+/// in reverse order (as a backward pass would), each against its own reference.
+fn three_layers<B: Backend>(device: B::Device) {
+    let config = EpConfig::new(4, 8, 2, 6).with_expert_alignment(4);
+    let local = config.experts_per_rank();
+    let layers: Vec<Vec<RankBatch>> = [
+        (RoutingPattern::Uniform, SentinelPattern::None),
+        (RoutingPattern::Skewed, SentinelPattern::RandomTenth),
+        (RoutingPattern::AllToOneRank, SentinelPattern::WholeRows),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &(p, s))| synthetic_batches(&config, 10 + 3 * i, p, s, 100 + i as u64))
+    .collect();
+
+    let outcomes = run_group::<B, _, _>(&config, &device, |group| {
+        let rank = group.rank();
+        let dispatched: Vec<_> = layers
+            .iter()
+            .map(|batches| {
+                let (x, idx, w) = inputs::<B>(&batches[rank], config.top_k, &device);
+                group.dispatch(x, idx, w)
+            })
+            .collect::<Result<_, _>>()?;
+        let mut combined = Vec::new();
+        for d in dispatched.iter().rev() {
+            let y = apply_experts(d.rows.clone(), d.routing.expert_offsets(), rank * local);
+            combined.push(host(group.combine(y, &d.routing)?));
+        }
+        combined.reverse();
+        Ok(combined)
+    });
+    let outcomes: Vec<Vec<Vec<f32>>> = outcomes.into_iter().map(|r| r.unwrap()).collect();
+    for (layer, batches) in layers.iter().enumerate() {
+        let expected = reference::dispatch(&config, batches).unwrap();
+        let outputs: Vec<Vec<f32>> = expected
+            .iter()
+            .enumerate()
+            .map(|(rank, e)| {
+                let mut offsets = vec![0];
+                for &c in &e.routing.expert_counts {
+                    offsets.push(offsets.last().unwrap() + config.aligned(c));
+                }
+                apply_experts_host(&e.rows, &offsets, rank * local, config.hidden_size)
+            })
+            .collect();
+        let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();
+        let combined = reference::combine(&config, batches, &routings, &outputs);
+        for rank in 0..config.world_size {
+            assert_eq!(
+                outcomes[rank][layer], combined[rank],
+                "layer {layer} rank {rank}"
+            );
+        }
+    }
+}
+
+#[rstest]
+fn one_group_serves_three_layers(#[values(Which::NdArray, Which::Wgpu)] which: Which) {
+    on(which, three_layers::<NdArray>, three_layers::<Wgpu>);
+}
+
+/// Dispatch + combine with sequence-parallel padding equals the reference on the
+/// unpadded tokens; with the token count already divisible it is bitwise the same
+/// as without padding.
+fn sp_padding<B: Backend>(device: B::Device, tokens: usize, sp: usize) {
+    let base = EpConfig::new(2, 4, 2, 5).with_expert_alignment(8);
+    let batches = synthetic_batches(
+        &base,
+        tokens,
+        RoutingPattern::Uniform,
+        SentinelPattern::None,
+        5,
+    );
+    let run = |config: &EpConfig| -> Vec<(Vec<f32>, Vec<f32>, usize)> {
+        run_group::<B, _, _>(config, &device, |group| {
+            let rank = group.rank();
+            let (x, idx, w) = inputs::<B>(&batches[rank], config.top_k, &device);
+            let d = group.dispatch(x, idx, w)?;
+            let y = apply_experts(d.rows.clone(), d.routing.expert_offsets(), rank * 2);
+            let out = group.combine(y, &d.routing)?;
+            assert_eq!(out.dims(), [tokens, config.hidden_size]);
+            Ok((host(d.rows), host(out), d.routing.received_rows()))
+        })
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect()
+    };
+    let padded = run(&base.clone().with_sp_size(sp));
+    let plain = run(&base);
+    // Pad rows carry -1 in every slot: they move nothing and the results match.
+    for (rank, (a, b)) in padded.iter().zip(&plain).enumerate() {
+        assert_eq!(a.0, b.0, "rows, rank {rank}, tokens {tokens}, sp {sp}");
+        assert_eq!(a.2, b.2, "received, rank {rank}, tokens {tokens}, sp {sp}");
+        for (i, (x, y)) in a.1.iter().zip(&b.1).enumerate() {
+            assert_eq!(
+                x.to_bits(),
+                y.to_bits(),
+                "combine element {i}, rank {rank}, tokens {tokens}, sp {sp}"
+            );
+        }
+    }
+
+    let expected = reference::dispatch(&base, &batches).unwrap();
+    for (rank, (rows, _, received)) in padded.iter().enumerate() {
+        assert_eq!(rows, &expected[rank].rows);
+        assert_eq!(*received, expected[rank].routing.received.len());
+    }
+}
+
+#[rstest]
+#[case(7, 4)]
+#[case(1, 8)]
+#[case(8, 4)]
+#[case(0, 4)]
+fn sequence_parallel_padding(
+    #[values(Which::NdArray, Which::Wgpu)] which: Which,
+    #[case] tokens: usize,
+    #[case] sp: usize,
+) {
+    on(
+        which,
+        |d| sp_padding::<NdArray>(d, tokens, sp),
+        |d| sp_padding::<Wgpu>(d, tokens, sp),
+    );
+}
+
+fn errors<B: Backend>(device: B::Device) {
+    let config = EpConfig::new(2, 4, 2, 3).with_max_tokens_per_rank(6);
+    let batches = synthetic_batches(
+        &config,
+        5,
+        RoutingPattern::Uniform,
+        SentinelPattern::None,
+        9,
+    );
+
+    // A bad expert id on rank 1: rank 1 names it, rank 0 learns its peer failed.
+    let results = run_group::<B, _, _>(&config, &device, |group| {
+        let rank = group.rank();
+        let mut batch = batches[rank].clone();
+        if rank == 1 {
+            batch.topk_idx[3] = 4;
+        }
+        let (x, idx, w) = inputs::<B>(&batch, 2, &device);
+        group.dispatch(x, idx, w).map(|_| ())
+    });
+    assert_eq!(
+        results[1],
+        Err(EpError::ExpertIdOutOfRange {
+            rank: 1,
+            token: 1,
+            slot: 1,
+            id: 4,
+            num_experts: 4
+        })
+    );
+    assert!(
+        matches!(results[0], Err(EpError::PeerFailed { rank: 1, .. })),
+        "{:?}",
+        results[0]
+    );
+
+    let results = run_group::<B, _, _>(&config, &device, |group| {
+        let rank = group.rank();
+        let b = &batches[rank];
+        let (x, idx, w) = inputs::<B>(b, 2, &device);
+        // Shape mismatches are caught before anything moves.
+        let wrong_hidden = floats::<B>(&[0.0; 5 * 4], [5, 4], &device);
+        assert!(matches!(
+            group.dispatch(wrong_hidden, idx.clone(), w.clone()),
+            Err(EpError::ShapeMismatch { what, .. }) if what == "x"
+        ));
+        let short_weights = floats::<B>(&b.topk_weights[..8], [4, 2], &device);
+        assert!(matches!(
+            group.dispatch(x.clone(), idx.clone(), short_weights),
+            Err(EpError::ShapeMismatch { what, .. }) if what == "topk_weights"
+        ));
+        let too_many = floats::<B>(&[0.0; 7 * 3], [7, 3], &device);
+        let too_many_idx = ints::<B>(&[-1; 14], [7, 2], &device);
+        let too_many_w = floats::<B>(&[0.0; 14], [7, 2], &device);
+        assert!(matches!(
+            group.dispatch(too_many, too_many_idx, too_many_w),
+            Err(EpError::TooManyTokens {
+                tokens: 7,
+                max: 6,
+                ..
+            })
+        ));
+
+        let d = group.dispatch(x, idx, w)?;
+        // A replay whose token count or hidden size differs from its handle.
+        let fewer = floats::<B>(&b.x[..4 * 3], [4, 3], &device);
+        assert!(matches!(
+            group.dispatch_cached(fewer, &d.routing),
+            Err(EpError::ReplayMismatch { what, .. }) if what == "x row count"
+        ));
+        let wider = floats::<B>(&[0.0; 5 * 4], [5, 4], &device);
+        assert!(matches!(
+            group.dispatch_cached(wider, &d.routing),
+            Err(EpError::ReplayMismatch { what, .. }) if what == "x hidden size"
+        ));
+        let rows = d.routing.padded_rows();
+        let y_short = floats::<B>(&vec![0.0; (rows + 1) * 3], [rows + 1, 3], &device);
+        assert!(matches!(
+            group.combine(y_short, &d.routing),
+            Err(EpError::ReplayMismatch { what, .. }) if what == "y row count"
+        ));
+        // The group still works after the errors: nothing moved for them.
+        let y = d.rows.clone();
+        group.combine(y, &d.routing).map(|_| ())
+    });
+    for r in results {
+        r.unwrap();
+    }
+}
+
+#[rstest]
+fn bad_input_gives_clear_errors(#[values(Which::NdArray, Which::Wgpu)] which: Which) {
+    on(which, errors::<NdArray>, errors::<Wgpu>);
+}
+
+#[test]
+fn world_size_must_match_the_transport() {
+    let comms = burn_ep::local_comms(2, TIMEOUT);
+    let config = EpConfig::new(4, 8, 2, 3);
+    let comm = comms.into_iter().next().unwrap();
+    let err = burn_ep::EpGroup::<NdArray>::new(config, comm, Default::default())
+        .err()
+        .unwrap();
+    assert!(matches!(err, EpError::InvalidConfig(m) if m.contains("transport has 2 ranks")));
+}
