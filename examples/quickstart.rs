@@ -45,7 +45,7 @@ fn main() {
         let rows: Vec<f32> = d.rows.into_data().to_vec().unwrap();
         let out: Vec<f32> = out.into_data().to_vec().unwrap();
         Ok((
-            d.routing.send_counts(),
+            d.routing.send_counts().to_vec(),
             d.routing.recv_counts().to_vec(),
             d.expert_counts,
             rows,

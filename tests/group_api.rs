@@ -3,7 +3,7 @@
 
 mod common;
 
-use burn::tensor::backend::Backend;
+use burn_ep::ExpertParallelBackend;
 use common::*;
 use ep_core::reference::{self, RankBatch};
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
@@ -23,7 +23,7 @@ fn on<R>(
 
 /// One group, three layers: three dispatches with three handles, then the combines
 /// in reverse order (as a backward pass would), each against its own reference.
-fn three_layers<B: Backend>(device: B::Device) {
+fn three_layers<B: ExpertParallelBackend>(device: B::Device) {
     let config = EpConfig::new(4, 8, 2, 6).with_expert_alignment(4);
     let local = config.experts_per_rank();
     let layers: Vec<Vec<RankBatch>> = [
@@ -86,7 +86,7 @@ fn one_group_serves_three_layers(#[values(Which::NdArray, Which::Wgpu)] which: W
 /// Dispatch + combine with sequence-parallel padding equals the reference on the
 /// unpadded tokens; with the token count already divisible it is bitwise the same
 /// as without padding.
-fn sp_padding<B: Backend>(device: B::Device, tokens: usize, sp: usize) {
+fn sp_padding<B: ExpertParallelBackend>(device: B::Device, tokens: usize, sp: usize) {
     let base = EpConfig::new(2, 4, 2, 5).with_expert_alignment(8);
     let batches = synthetic_batches(
         &base,
@@ -148,7 +148,7 @@ fn sequence_parallel_padding(
     );
 }
 
-fn errors<B: Backend>(device: B::Device) {
+fn errors<B: ExpertParallelBackend>(device: B::Device) {
     let config = EpConfig::new(2, 4, 2, 3).with_max_tokens_per_rank(6);
     let batches = synthetic_batches(
         &config,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use burn::tensor::backend::Backend;
+use burn_ep::ExpertParallelBackend;
 use common::*;
 use ep_core::reference::{self, RankBatch};
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
@@ -20,7 +20,7 @@ type RankOutcome = (
     Vec<f32>,
 );
 
-fn check_against_reference<B: Backend>(
+fn check_against_reference<B: ExpertParallelBackend>(
     device: B::Device,
     config: EpConfig,
     batches: Vec<RankBatch>,

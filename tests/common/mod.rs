@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_ep::{run_local, EpConfig, EpGroup, EpResult, LocalComm};
+use burn_ep::{run_local, EpConfig, EpGroup, EpResult, ExpertParallelBackend, LocalComm};
 use ep_core::reference::RankBatch;
 
 pub type NdArray = burn::backend::NdArray<f32>;
@@ -21,11 +20,15 @@ pub enum Which {
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
-pub fn floats<B: Backend>(values: &[f32], shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+pub fn floats<B: ExpertParallelBackend>(
+    values: &[f32],
+    shape: [usize; 2],
+    device: &B::Device,
+) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-pub fn ints<B: Backend>(
+pub fn ints<B: ExpertParallelBackend>(
     values: &[i64],
     shape: [usize; 2],
     device: &B::Device,
@@ -33,12 +36,12 @@ pub fn ints<B: Backend>(
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-pub fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub fn host<B: ExpertParallelBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
 /// The batch's inputs as tensors: `(x, topk_idx, topk_weights)`.
-pub fn inputs<B: Backend>(
+pub fn inputs<B: ExpertParallelBackend>(
     batch: &RankBatch,
     top_k: usize,
     device: &B::Device,
@@ -54,7 +57,7 @@ pub fn inputs<B: Backend>(
 /// Runs `work` on every rank of a local group on `device`; results in rank order.
 pub fn run_group<B, R, F>(config: &EpConfig, device: &B::Device, work: F) -> Vec<EpResult<R>>
 where
-    B: Backend,
+    B: ExpertParallelBackend,
     R: Send,
     F: Fn(&EpGroup<B>) -> EpResult<R> + Sync,
 {
@@ -88,7 +91,7 @@ pub fn apply_experts_host(
 }
 
 /// The stand-in experts applied with tensor ops to one rank's expert-major rows.
-pub fn apply_experts<B: Backend>(
+pub fn apply_experts<B: ExpertParallelBackend>(
     rows: Tensor<B, 2>,
     offsets: &[usize],
     first_expert: usize,

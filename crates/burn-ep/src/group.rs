@@ -1,17 +1,17 @@
 //! `EpGroup`: dispatch, cached dispatch and combine for one rank of a group.
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
-use ep_core::layout::{ExpertLayout, SendLayout};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use ep_core::padding::sp_padded_tokens;
 use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_mesh::LocalComm;
 
+use crate::backend::{float, int, ExpertParallelBackend};
 use crate::routing::Routing;
+use crate::transfer::{concat_rows, split_rows};
 
 /// What a recording dispatch returns.
 #[derive(Debug, Clone)]
-pub struct Dispatched<B: Backend> {
+pub struct Dispatched<B: ExpertParallelBackend> {
     /// `[padded rows, hidden]`: rows grouped by local expert, each group padded to
     /// the expert alignment with zero rows.
     pub rows: Tensor<B, 2>,
@@ -22,21 +22,20 @@ pub struct Dispatched<B: Backend> {
 }
 
 /// One rank's member of an expert-parallel group.
-pub struct EpGroup<B: Backend> {
+pub struct EpGroup<B: ExpertParallelBackend> {
     config: EpConfig,
     comm: LocalComm,
     device: B::Device,
 }
 
-/// What one rank sends another in a recording dispatch.
-struct RouteMessage {
-    /// `[tokens, top_k]` local expert ids at the destination, `-1` elsewhere.
-    local_experts: Vec<i32>,
-    rows: Option<TensorData>,
-    weights: Option<TensorData>,
+/// What a rank tells each peer in the count exchange.
+struct Counts {
+    rows: usize,
+    /// Rows for each of the peer's local experts.
+    per_expert: Vec<usize>,
 }
 
-impl<B: Backend> EpGroup<B> {
+impl<B: ExpertParallelBackend> EpGroup<B> {
     /// Joins a group: `config.world_size` must match the transport's, and the rank
     /// is taken from the transport.
     pub fn new(config: EpConfig, comm: LocalComm, device: B::Device) -> EpResult<Self> {
@@ -76,8 +75,8 @@ impl<B: Backend> EpGroup<B> {
     /// grouped by local expert, with the routing handle.
     ///
     /// `x` is `[T, H]`, `topk_idx` `[T, K]` global expert ids or `-1`, `topk_weights`
-    /// `[T, K]`. Errors on bad ids, shapes, devices or too many tokens, on every rank
-    /// before any data moves on that rank.
+    /// `[T, K]`. Bad ids, shapes, devices or too many tokens are errors, found on
+    /// each rank before any data moves.
     pub fn dispatch(
         &self,
         x: Tensor<B, 2>,
@@ -93,110 +92,106 @@ impl<B: Backend> EpGroup<B> {
         self.check_device("x", &x.device())?;
         self.check_device("topk_idx", &topk_idx.device())?;
         self.check_device("topk_weights", &topk_weights.device())?;
-
-        let padded_tokens = sp_padded_tokens(tokens, c.sp_size);
-        let mut ids: Vec<i64> = topk_idx
-            .into_data()
-            .convert::<i64>()
-            .to_vec()
-            .map_err(|e| EpError::DTypeMismatch {
-                what: "topk_idx".into(),
-                expected: "an integer type".into(),
-                got: format!("{e:?}"),
-            })?;
-        // Check before padding so errors name the caller's token index.
-        validate::check_topk_idx(c, &ids)?;
-        ids.resize(padded_tokens * c.top_k, -1);
-        let x = pad_rows(x, padded_tokens);
-        let topk_weights = pad_rows(topk_weights, padded_tokens);
-
-        let send = SendLayout::new(c, &ids);
-        let send_index: Vec<Option<Tensor<B, 1, Int>>> = send
-            .tokens_per_rank
-            .iter()
-            .map(|t| (!t.is_empty()).then(|| self.index_tensor(t.iter().map(|&v| v as i64))))
-            .collect();
-        let messages: Vec<RouteMessage> = send_index
-            .iter()
-            .zip(&send.local_experts)
-            .map(|(index, local_experts)| RouteMessage {
-                local_experts: local_experts.clone(),
-                rows: index
-                    .as_ref()
-                    .map(|i| x.clone().select(0, i.clone()).into_data()),
-                weights: index
-                    .as_ref()
-                    .map(|i| topk_weights.clone().select(0, i.clone()).into_data()),
-            })
-            .collect();
-        let received = self.exchange(messages)?;
-
-        let recv_counts: Vec<usize> = received
-            .iter()
-            .map(|m| m.local_experts.len() / c.top_k)
-            .collect();
-        let recv_local: Vec<i32> = received
-            .iter()
-            .flat_map(|m| m.local_experts.iter().copied())
-            .collect();
-        let (rows, weights): (Vec<_>, Vec<_>) = received
-            .into_iter()
-            .filter_map(|m| Some((self.upload(m.rows?), self.upload(m.weights?))))
-            .unzip();
-        let experts = ExpertLayout::new(c, &recv_local);
-        let received_rows: usize = recv_counts.iter().sum();
-
-        // Expand: each expert-major row reads its received row; pads read a zero row.
-        let expand_index = self.index_tensor(experts.row_origin.iter().map(|o| match o {
-            Some((row, _)) => *row as i64,
-            None => received_rows as i64,
-        }));
-        let weight_index = self.index_tensor(experts.row_origin.iter().map(|o| match o {
-            Some((row, slot)) => (row * c.top_k + slot) as i64,
-            None => (received_rows * c.top_k) as i64,
-        }));
         let dtype = x.dtype();
-        let received_x = with_zero_row(rows, c.hidden_size, &self.device, dtype);
-        let received_w = with_zero_row(weights, c.top_k, &self.device, topk_weights.dtype());
-        let padded_rows = experts.padded_rows();
-        // CubeCL backends cannot run ops on zero-size tensors: a rank that receives
-        // nothing gets empty outputs made directly.
-        let (expert_rows, weights) = if padded_rows == 0 {
-            (
-                Tensor::zeros([0, c.hidden_size], (&self.device, dtype)),
-                Tensor::zeros([0], (&self.device, topk_weights.dtype())),
-            )
+
+        // Sequence-parallel padding: pad rows name no expert, so they move nothing.
+        let padded_tokens = sp_padded_tokens(tokens, c.sp_size);
+        let x = pad_rows(x, padded_tokens, 0.0);
+        let topk_weights = pad_rows(topk_weights, padded_tokens, 0.0);
+        let topk_idx = pad_int_rows(topk_idx, padded_tokens, -1);
+
+        let (slots, send_counts, tokens_per_expert) = if padded_tokens > 0 {
+            let layout = B::ep_layout(topk_idx.clone().into_primitive(), c)?;
+            let slots: Tensor<B, 2, Int> = int(layout.slots);
+            (Some(slots), layout.send_counts, layout.tokens_per_expert)
         } else {
-            let weights = received_w.reshape([(received_rows + 1) * c.top_k]);
-            (
-                received_x.select(0, expand_index.clone()),
-                weights.select(0, weight_index),
-            )
+            (None, vec![0; c.world_size], vec![0; c.num_experts])
         };
 
-        let reduce_index = (0..experts.max_contributions())
-            .map(|q| {
-                self.index_tensor(
-                    experts
-                        .contributions
-                        .iter()
-                        .map(|rows| rows.get(q).copied().unwrap_or(experts.padded_rows()) as i64),
-                )
-            })
-            .collect();
-        let sum_index = send
-            .tokens_per_rank
+        // Count exchange: rows, and rows per expert, that each rank will receive.
+        let local = c.experts_per_rank();
+        let counts = send_counts
             .iter()
-            .map(|sent| {
-                (!sent.is_empty()).then(|| {
-                    let mut position = vec![sent.len() as i64; padded_tokens];
-                    for (i, &token) in sent.iter().enumerate() {
-                        position[token] = i as i64;
-                    }
-                    self.index_tensor(position)
-                })
+            .enumerate()
+            .map(|(d, &rows)| Counts {
+                rows,
+                per_expert: tokens_per_expert[d * local..(d + 1) * local].to_vec(),
             })
             .collect();
+        let received = self.comm.all_to_all(counts)?;
+        let recv_counts: Vec<usize> = received.iter().map(|m| m.rows).collect();
+        let expert_counts: Vec<usize> = (0..local)
+            .map(|j| received.iter().map(|m| m.per_expert[j]).sum())
+            .collect();
+        let mut expert_offsets = vec![0];
+        for &count in &expert_counts {
+            expert_offsets.push(expert_offsets.last().unwrap() + c.aligned(count));
+        }
+        let padded_rows = *expert_offsets.last().unwrap();
+
+        // Pack rows, weights and destination-local expert ids; move them.
+        let sent: usize = send_counts.iter().sum();
+        let packed = slots.as_ref().filter(|_| sent > 0).map(|slots| {
+            let rows = B::ep_pack(
+                x.into_primitive().tensor(),
+                slots.clone().into_primitive(),
+                &send_counts,
+            );
+            let (weights, local_ids) = B::ep_pack_meta(
+                topk_idx.into_primitive(),
+                topk_weights.into_primitive().tensor(),
+                slots.clone().into_primitive(),
+                &send_counts,
+                local,
+            );
+            vec![
+                float::<B, 2>(rows).into_data(),
+                float::<B, 2>(weights).into_data(),
+                int::<B, 2>(local_ids).into_data(),
+            ]
+        });
+        let mut parts = self.exchange(packed, &send_counts, 3)?.into_iter();
+        let (recv_rows, recv_weights, recv_local) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+
+        // Expand to expert-major rows.
+        let (positions, recv_weights, rows, row_weights) =
+            match (recv_rows, recv_weights, recv_local) {
+                (Some(rows), Some(weights), Some(local_ids)) => {
+                    let local_ids: Tensor<B, 2, Int> = self.upload_int(local_ids);
+                    let positions = int::<B, 2>(B::ep_expert_positions(
+                        local_ids.into_primitive(),
+                        &expert_offsets[..local],
+                    ));
+                    let rows: Tensor<B, 2> = self.upload(rows);
+                    let weights: Tensor<B, 2> = self.upload(weights);
+                    let expanded = B::ep_expand(
+                        rows.into_primitive().tensor(),
+                        positions.clone().into_primitive(),
+                        padded_rows,
+                    );
+                    let row_weights = B::ep_expand_weights(
+                        weights.clone().into_primitive().tensor(),
+                        positions.clone().into_primitive(),
+                        padded_rows,
+                    );
+                    (
+                        Some(positions),
+                        Some(weights),
+                        float::<B, 2>(expanded),
+                        float::<B, 1>(row_weights),
+                    )
+                }
+                _ => (
+                    None,
+                    None,
+                    Tensor::zeros([0, c.hidden_size], (&self.device, dtype)),
+                    Tensor::zeros([0], (&self.device, dtype)),
+                ),
+            };
 
         let routing = Routing {
             tokens,
@@ -205,46 +200,56 @@ impl<B: Backend> EpGroup<B> {
             world_size: c.world_size,
             dtype,
             device: self.device.clone(),
-            send,
+            send_counts,
             recv_counts,
-            experts,
-            send_index,
-            expand_index,
-            reduce_index,
-            sum_index,
-            weights,
+            tokens_per_expert,
+            expert_counts: expert_counts.clone(),
+            expert_offsets,
+            slots,
+            positions,
+            recv_weights,
+            row_weights,
         };
         Ok(Dispatched {
-            rows: expert_rows,
-            expert_counts: routing.experts.expert_counts.clone(),
+            rows,
+            expert_counts,
             routing,
         })
     }
 
     /// Replays `routing` with a new payload `x` (`[T, H]`, the T of the handle): the
-    /// same rows go to the same places, with no layout or count exchange.
+    /// same rows go to the same places, with no layout and no count exchange.
     pub fn dispatch_cached(&self, x: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
         routing.check_payload("x", routing.tokens, x.dims(), x.dtype(), &x.device())?;
-        let x = pad_rows(x, routing.padded_tokens);
-        let segments = routing
-            .send_index
-            .iter()
-            .map(|index| {
-                index
-                    .as_ref()
-                    .map(|i| x.clone().select(0, i.clone()).into_data())
-            })
-            .collect();
-        let rows = self.receive_rows(self.exchange(segments)?);
-        if routing.padded_rows() == 0 {
-            return Ok(Tensor::zeros(
-                [0, routing.hidden],
-                (&self.device, routing.dtype),
-            ));
-        }
-        let received = with_zero_row(rows, routing.hidden, &self.device, routing.dtype);
-        Ok(received.select(0, routing.expand_index.clone()))
+        let x = pad_rows(x, routing.padded_tokens, 0.0);
+        let packed = routing
+            .slots
+            .as_ref()
+            .filter(|_| routing.sent_rows() > 0)
+            .map(|slots| {
+                let rows = B::ep_pack(
+                    x.into_primitive().tensor(),
+                    slots.clone().into_primitive(),
+                    &routing.send_counts,
+                );
+                vec![float::<B, 2>(rows).into_data()]
+            });
+        let received = self
+            .exchange(packed, &routing.send_counts, 1)?
+            .pop()
+            .unwrap();
+        Ok(match (received, &routing.positions) {
+            (Some(rows), Some(positions)) => {
+                let rows: Tensor<B, 2> = self.upload(rows);
+                float(B::ep_expand(
+                    rows.into_primitive().tensor(),
+                    positions.clone().into_primitive(),
+                    routing.padded_rows(),
+                ))
+            }
+            _ => Tensor::zeros([0, routing.hidden], (&self.device, routing.dtype)),
+        })
     }
 
     /// Sends the expert outputs `y` (`[padded rows, H]`, the expert-major layout of
@@ -254,81 +259,75 @@ impl<B: Backend> EpGroup<B> {
     pub fn combine(&self, y: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
         routing.check_payload("y", routing.padded_rows(), y.dims(), y.dtype(), &y.device())?;
-        let hidden = routing.hidden;
-        let dtype = y.dtype();
-
-        // Reduce: weighted sum over each received row's local experts.
-        // (No received rows means no contributions and no zero-size ops.)
-        let partial = (!routing.reduce_index.is_empty()).then(|| {
-            let weights = routing
-                .weights
-                .clone()
-                .cast(dtype)
-                .reshape([routing.padded_rows(), 1]);
-            let weighted = with_zero_row(vec![y * weights], hidden, &self.device, dtype);
-            let mut contributions = routing
-                .reduce_index
-                .iter()
-                .map(|index| weighted.clone().select(0, index.clone()));
-            let first = contributions.next().expect("checked non-empty");
-            contributions.fold(first, |acc, next| acc + next)
-        });
-
-        // Back to the source ranks: received rows are grouped by source rank.
-        let mut start = 0;
-        let segments = routing
-            .recv_counts
-            .iter()
-            .map(|&count| {
-                let segment = (count > 0).then(|| {
-                    let rows = partial.clone().expect("rows were received");
-                    rows.narrow(0, start, count).into_data()
-                });
-                start += count;
-                segment
-            })
-            .collect();
-        let back = self.exchange(segments)?;
-
-        // Sum over ranks in rank order; tokens a rank did not get read a zero row.
-        let out = back
-            .into_iter()
-            .zip(&routing.sum_index)
-            .filter_map(|(segment, index)| {
-                let segment = self.upload(segment?);
-                let rows = with_zero_row(vec![segment], hidden, &self.device, dtype);
-                Some(rows.select(0, index.clone()?))
-            })
-            .reduce(|acc, next| acc + next)
-            .unwrap_or_else(|| {
-                Tensor::zeros([routing.padded_tokens, hidden], (&self.device, dtype))
-            });
+        let (hidden, dtype) = (routing.hidden, y.dtype());
+        let partial = match (&routing.positions, &routing.recv_weights) {
+            (Some(positions), Some(weights)) => {
+                let reduced = B::ep_reduce(
+                    y.into_primitive().tensor(),
+                    positions.clone().into_primitive(),
+                    weights.clone().into_primitive().tensor(),
+                );
+                Some(vec![float::<B, 2>(reduced).into_data()])
+            }
+            _ => None,
+        };
+        // Back along the route: what was received from a rank returns to it.
+        let back = self
+            .exchange(partial, &routing.recv_counts, 1)?
+            .pop()
+            .unwrap();
+        let out = match (back, &routing.slots) {
+            (Some(back), Some(slots)) => {
+                let back: Tensor<B, 2> = self.upload(back);
+                float::<B, 2>(B::ep_sum(
+                    back.into_primitive().tensor(),
+                    slots.clone().into_primitive(),
+                    &routing.send_counts,
+                ))
+            }
+            _ => Tensor::zeros([routing.padded_tokens, hidden], (&self.device, dtype)),
+        };
         Ok(match routing.tokens {
-            0 => Tensor::zeros([0, hidden], (&self.device, dtype)),
             t if t == routing.padded_tokens => out,
+            0 => Tensor::zeros([0, hidden], (&self.device, dtype)),
             t => out.narrow(0, 0, t),
         })
     }
 
-    /// The all-to-all between the ranks' threads. Segments travel as host data: each
-    /// thread drives its own device stream, and a device buffer shared between
-    /// streams can be read before it is written or reused while a peer still reads
-    /// it (seen on wgpu). Device-to-device transports come with the CUDA transports.
-    fn exchange<T: Send + 'static>(&self, items: Vec<T>) -> EpResult<Vec<T>> {
-        self.comm.all_to_all(items)
+    /// The all-to-all-v of row segments. `parts` are buffers with one row per sent
+    /// row (rows, weights, ids ...), split by `send_counts`; returns each part's
+    /// received rows, concatenated in source-rank order (`None` when nothing came).
+    fn exchange(
+        &self,
+        parts: Option<Vec<TensorData>>,
+        send_counts: &[usize],
+        num_parts: usize,
+    ) -> EpResult<Vec<Option<TensorData>>> {
+        let world = self.config.world_size;
+        let mut messages: Vec<Vec<Option<TensorData>>> = vec![Vec::new(); world];
+        match parts {
+            Some(parts) => {
+                for part in &parts {
+                    for (message, block) in messages.iter_mut().zip(split_rows(part, send_counts)) {
+                        message.push(block);
+                    }
+                }
+            }
+            None => messages.iter_mut().for_each(|m| m.resize(num_parts, None)),
+        }
+        let received = self.comm.all_to_all(messages)?;
+        Ok((0..num_parts)
+            .map(|p| concat_rows(received.iter().filter_map(|m| m[p].clone()).collect()))
+            .collect())
     }
 
-    fn upload<const D: usize>(&self, data: TensorData) -> Tensor<B, D> {
+    fn upload(&self, data: TensorData) -> Tensor<B, 2> {
         let dtype = data.dtype;
         Tensor::from_data(data, (&self.device, dtype))
     }
 
-    fn receive_rows(&self, segments: Vec<Option<TensorData>>) -> Vec<Tensor<B, 2>> {
-        segments
-            .into_iter()
-            .flatten()
-            .map(|s| self.upload(s))
-            .collect()
+    fn upload_int(&self, data: TensorData) -> Tensor<B, 2, Int> {
+        Tensor::from_data(data, &self.device)
     }
 
     fn check_handle(&self, routing: &Routing<B>) -> EpResult<()> {
@@ -359,32 +358,34 @@ impl<B: Backend> EpGroup<B> {
         }
         Ok(())
     }
-
-    fn index_tensor(&self, values: impl IntoIterator<Item = i64>) -> Tensor<B, 1, Int> {
-        let values: Vec<i64> = values.into_iter().collect();
-        let n = values.len();
-        Tensor::from_data(TensorData::new(values, [n]), &self.device)
-    }
 }
 
-/// Pads `[T, C]` with zero rows up to `rows`.
-fn pad_rows<B: Backend>(t: Tensor<B, 2>, rows: usize) -> Tensor<B, 2> {
+/// Pads `[T, C]` up to `rows` rows of `value`.
+fn pad_rows<B: ExpertParallelBackend>(t: Tensor<B, 2>, rows: usize, value: f32) -> Tensor<B, 2> {
     let [n, cols] = t.dims();
     if n == rows {
         return t;
     }
-    let zeros = Tensor::zeros([rows - n, cols], (&t.device(), t.dtype()));
-    Tensor::cat(vec![t, zeros], 0)
+    let dtype: DType = t.dtype();
+    let pad = Tensor::full([rows - n, cols], value, (&t.device(), dtype));
+    if n == 0 {
+        return pad;
+    }
+    Tensor::cat(vec![t, pad], 0)
 }
 
-/// Concatenates row blocks and appends one zero row, the target of every "nothing
-/// here" index.
-fn with_zero_row<B: Backend>(
-    mut blocks: Vec<Tensor<B, 2>>,
-    cols: usize,
-    device: &B::Device,
-    dtype: burn::tensor::DType,
-) -> Tensor<B, 2> {
-    blocks.push(Tensor::zeros([1, cols], (device, dtype)));
-    Tensor::cat(blocks, 0)
+fn pad_int_rows<B: ExpertParallelBackend>(
+    t: Tensor<B, 2, Int>,
+    rows: usize,
+    value: i64,
+) -> Tensor<B, 2, Int> {
+    let [n, cols] = t.dims();
+    if n == rows {
+        return t;
+    }
+    let pad = Tensor::full([rows - n, cols], value, &t.device());
+    if n == 0 {
+        return pad;
+    }
+    Tensor::cat(vec![t, pad], 0)
 }

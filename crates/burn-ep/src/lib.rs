@@ -5,10 +5,17 @@
 //! that hold its top-k experts and returns the rows grouped by local expert, with a
 //! [`Routing`] handle; [`EpGroup::dispatch_cached`] replays a handle with a new
 //! payload; [`EpGroup::combine`] brings the expert outputs back, weighted and summed.
+//!
+//! The steps run on any backend implementing [`ExpertParallelBackend`]: CubeCL
+//! backends (wgpu, CUDA) run the kernels of `ep-kernels`, others a tensor-op fallback.
 
+mod backend;
+mod cube;
 mod group;
 mod routing;
+mod transfer;
 
+pub use backend::{ExpertParallelBackend, LayoutOutput};
 pub use ep_core::{EpConfig, EpError, EpResult};
 pub use ep_mesh::{local_comms, run_local, LocalComm, Mesh, DEFAULT_TIMEOUT};
 pub use group::{Dispatched, EpGroup};

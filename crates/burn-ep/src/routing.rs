@@ -1,15 +1,15 @@
 //! The routing handle: what a recording dispatch learned, kept so that cached
 //! dispatch, combine and the backward passes replay it instead of recomputing it.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor};
-use ep_core::layout::{ExpertLayout, SendLayout};
 use ep_core::{EpError, EpResult};
 
+use crate::backend::ExpertParallelBackend;
+
 /// The layout of one dispatch, for one rank. One group serves many layers, each
-/// with its own handle.
+/// with its own handle. Device tensors are `None` where they would be empty.
 #[derive(Debug, Clone)]
-pub struct Routing<B: Backend> {
+pub struct Routing<B: ExpertParallelBackend> {
     /// Tokens the caller passed (before sequence-parallel padding).
     pub(crate) tokens: usize,
     /// Tokens after sequence-parallel padding: the rows that were routed.
@@ -18,24 +18,22 @@ pub struct Routing<B: Backend> {
     pub(crate) world_size: usize,
     pub(crate) dtype: DType,
     pub(crate) device: B::Device,
-    pub(crate) send: SendLayout,
+    pub(crate) send_counts: Vec<usize>,
     pub(crate) recv_counts: Vec<usize>,
-    pub(crate) experts: ExpertLayout,
-    /// Per destination rank, the tokens sent there (`None` when none are).
-    pub(crate) send_index: Vec<Option<Tensor<B, 1, Int>>>,
-    /// For each expert-major row, its received row; pad rows point one past the end.
-    pub(crate) expand_index: Tensor<B, 1, Int>,
-    /// For the q-th contribution of every received row, its expert-major row; rows
-    /// with fewer contributions point one past the end (a zero row).
-    pub(crate) reduce_index: Vec<Tensor<B, 1, Int>>,
-    /// Per destination rank, for every token, its row in what that rank sends back;
-    /// tokens it did not get point one past the end (`None` when none were sent).
-    pub(crate) sum_index: Vec<Option<Tensor<B, 1, Int>>>,
-    /// The top-k weight of every expert-major row (zero on pad rows).
-    pub(crate) weights: Tensor<B, 1>,
+    pub(crate) tokens_per_expert: Vec<usize>,
+    pub(crate) expert_counts: Vec<usize>,
+    pub(crate) expert_offsets: Vec<usize>,
+    /// `[padded tokens, W]` send slots.
+    pub(crate) slots: Option<Tensor<B, 2, Int>>,
+    /// `[received, K]` expert-major row of every received (row, slot).
+    pub(crate) positions: Option<Tensor<B, 2, Int>>,
+    /// `[received, K]` the top-k weights as received.
+    pub(crate) recv_weights: Option<Tensor<B, 2>>,
+    /// `[padded rows]` the weight of every expert-major row (zero on pad rows).
+    pub(crate) row_weights: Tensor<B, 1>,
 }
 
-impl<B: Backend> Routing<B> {
+impl<B: ExpertParallelBackend> Routing<B> {
     /// Tokens per rank this handle was recorded for (as passed by the caller).
     pub fn tokens(&self) -> usize {
         self.tokens
@@ -46,8 +44,8 @@ impl<B: Backend> Routing<B> {
     }
 
     /// Tokens sent to each rank (one copy per rank, however many of its experts).
-    pub fn send_counts(&self) -> Vec<usize> {
-        self.send.send_counts()
+    pub fn send_counts(&self) -> &[usize] {
+        &self.send_counts
     }
 
     /// Rows received from each rank.
@@ -57,18 +55,18 @@ impl<B: Backend> Routing<B> {
 
     /// Rows per local expert, before alignment padding.
     pub fn expert_counts(&self) -> &[usize] {
-        &self.experts.expert_counts
+        &self.expert_counts
     }
 
     /// Start of each local expert's padded group in the expert-major rows; the last
     /// entry is the total number of rows.
     pub fn expert_offsets(&self) -> &[usize] {
-        &self.experts.expert_offsets
+        &self.expert_offsets
     }
 
     /// Expert-major rows, alignment padding included.
     pub fn padded_rows(&self) -> usize {
-        self.experts.padded_rows()
+        *self.expert_offsets.last().unwrap_or(&0)
     }
 
     /// Rows received in all (one per (source rank, token) that reached this rank).
@@ -76,14 +74,19 @@ impl<B: Backend> Routing<B> {
         self.recv_counts.iter().sum()
     }
 
+    /// Rows sent in all.
+    pub fn sent_rows(&self) -> usize {
+        self.send_counts.iter().sum()
+    }
+
     /// (token, expert) pairs this rank sent to each global expert.
     pub fn tokens_per_expert(&self) -> &[usize] {
-        &self.send.tokens_per_expert
+        &self.tokens_per_expert
     }
 
     /// The top-k weight of every expert-major row (zero on pad rows).
     pub fn weights(&self) -> Tensor<B, 1> {
-        self.weights.clone()
+        self.row_weights.clone()
     }
 
     /// Checks that a payload of `shape` on `device` may replay this handle.

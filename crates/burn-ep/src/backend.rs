@@ -1,0 +1,327 @@
+//! The backend extension: the steps of dispatch and combine as backend ops.
+//!
+//! Every method has a default written with Burn tensor ops and host arithmetic (the
+//! fallback, used by NdArray); CubeCL backends override them with the kernels of
+//! `ep-kernels`. The steps follow DESIGN.md's data flow; the transport between
+//! `pack` and `expand` (and between `reduce` and `sum`) belongs to the group.
+//!
+//! Conventions shared by all implementations:
+//! - `slots [T, W]`: for token `t` and rank `d`, the token's row in `d`'s send
+//!   segment, or `-1` when nothing goes there. Segments are contiguous, in rank order.
+//! - `positions [R, K]`: for received row `i` and top-k slot `k`, the expert-major
+//!   row it expands to, or `-1` when the slot's expert is on another rank. Positions
+//!   of one row increase with the local expert id, since groups are in expert order.
+//!
+//! No op is ever called with a zero-size tensor: the group skips empty steps.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use ep_core::{validate, EpConfig, EpResult};
+
+/// What the layout step returns.
+#[derive(Debug, Clone)]
+pub struct LayoutOutput<B: Backend> {
+    /// `[T, W]` slots (see the module docs).
+    pub slots: IntTensor<B>,
+    /// Tokens this rank sends to each rank.
+    pub send_counts: Vec<usize>,
+    /// (token, expert) pairs this rank sends to each global expert.
+    pub tokens_per_expert: Vec<usize>,
+}
+
+/// Backends that can run the steps of dispatch and combine.
+pub trait ExpertParallelBackend: Backend {
+    /// Layout and slots: validates `topk_idx [T, K]` (ids in `-1..E`, no duplicates),
+    /// and gives every (token, rank) its slot by prefix sums, in token order.
+    fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
+        let topk_idx = int::<Self, 2>(topk_idx);
+        let [tokens, k] = topk_idx.dims();
+        let device = topk_idx.device();
+        let ids = host_ints(topk_idx);
+        validate::check_topk_idx(config, &ids)?;
+        let world = config.world_size;
+        let mut slots = vec![-1i64; tokens * world];
+        let mut send_counts = vec![0usize; world];
+        let mut tokens_per_expert = vec![0usize; config.num_experts];
+        for (t, row) in ids.chunks(k).enumerate() {
+            for &e in row.iter().filter(|&&e| e >= 0) {
+                tokens_per_expert[e as usize] += 1;
+            }
+            for (d, count) in send_counts.iter_mut().enumerate() {
+                if row
+                    .iter()
+                    .any(|&e| e >= 0 && config.rank_of_expert(e as usize) == d)
+                {
+                    slots[t * world + d] = *count as i64;
+                    *count += 1;
+                }
+            }
+        }
+        Ok(LayoutOutput {
+            slots: int_tensor::<Self, 2>(slots, [tokens, world], &device).into_primitive(),
+            send_counts,
+            tokens_per_expert,
+        })
+    }
+
+    /// Pack: the rows of `x [T, H]` into per-rank contiguous send segments `[S, H]`
+    /// (`send_counts` per rank, `S` their sum), following `slots`.
+    fn ep_pack(
+        x: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        send_counts: &[usize],
+    ) -> FloatTensor<Self> {
+        let x = float::<Self, 2>(x);
+        let source = send_sources(&host_ints(int::<Self, 2>(slots)), send_counts);
+        let index = int_tensor::<Self, 1>(source, [send_counts.iter().sum()], &x.device());
+        x.select(0, index).into_primitive().tensor()
+    }
+
+    /// Pack of the routing metadata, recorded dispatch only: the top-k weights
+    /// `[S, K]` of every sent row, and its slots as destination-local expert ids
+    /// `[S, K]` (`-1` where the slot's expert is on another rank).
+    fn ep_pack_meta(
+        topk_idx: IntTensor<Self>,
+        topk_weights: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        send_counts: &[usize],
+        experts_per_rank: usize,
+    ) -> (FloatTensor<Self>, IntTensor<Self>) {
+        let weights = float::<Self, 2>(topk_weights);
+        let [_, k] = weights.dims();
+        let device = weights.device();
+        let total: usize = send_counts.iter().sum();
+        let ids = host_ints(int::<Self, 2>(topk_idx));
+        let source = send_sources(&host_ints(int::<Self, 2>(slots)), send_counts);
+        let mut local = Vec::with_capacity(total * k);
+        let mut row = 0;
+        for (d, &count) in send_counts.iter().enumerate() {
+            for &t in &source[row..row + count] {
+                local.extend(ids[t as usize * k..(t as usize + 1) * k].iter().map(|&e| {
+                    if e >= 0 && e as usize / experts_per_rank == d {
+                        e % experts_per_rank as i64
+                    } else {
+                        -1
+                    }
+                }));
+            }
+            row += count;
+        }
+        let index = int_tensor::<Self, 1>(source, [total], &device);
+        (
+            weights.select(0, index).into_primitive().tensor(),
+            int_tensor::<Self, 2>(local, [total, k], &device).into_primitive(),
+        )
+    }
+
+    /// Receive-side slots: the expert-major row of every (received row, slot), from
+    /// the received local expert ids `[R, K]` and each local expert's padded group
+    /// start (`expert_offsets`, one entry per local expert).
+    fn ep_expert_positions(
+        recv_local: IntTensor<Self>,
+        expert_offsets: &[usize],
+    ) -> IntTensor<Self> {
+        let recv_local = int::<Self, 2>(recv_local);
+        let shape = recv_local.dims();
+        let device = recv_local.device();
+        let mut next: Vec<i64> = expert_offsets.iter().map(|&o| o as i64).collect();
+        let positions = host_ints(recv_local)
+            .into_iter()
+            .map(|j| {
+                if j < 0 {
+                    return -1;
+                }
+                next[j as usize] += 1;
+                next[j as usize] - 1
+            })
+            .collect();
+        int_tensor::<Self, 2>(positions, shape, &device).into_primitive()
+    }
+
+    /// Expand: received rows `[R, H]` to expert-major rows `[P, H]`; pad rows zero.
+    fn ep_expand(
+        rows: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+    ) -> FloatTensor<Self> {
+        let rows = float::<Self, 2>(rows);
+        let [received, hidden] = rows.dims();
+        let (device, dtype) = (rows.device(), rows.dtype());
+        let positions = host_ints(int::<Self, 2>(positions));
+        let k = positions.len() / received;
+        let mut source = vec![received as i64; padded_rows];
+        for (slot, &p) in positions.iter().enumerate() {
+            if p >= 0 {
+                source[p as usize] = (slot / k) as i64;
+            }
+        }
+        let zero = Tensor::zeros([1, hidden], (&device, dtype));
+        let index = int_tensor::<Self, 1>(source, [padded_rows], &device);
+        Tensor::cat(vec![rows, zero], 0)
+            .select(0, index)
+            .into_primitive()
+            .tensor()
+    }
+
+    /// The weight of every expert-major row `[P]` from the received weights `[R, K]`;
+    /// zero on pad rows.
+    fn ep_expand_weights(
+        weights: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+    ) -> FloatTensor<Self> {
+        let weights = float::<Self, 2>(weights);
+        let [received, k] = weights.dims();
+        let (device, dtype) = (weights.device(), weights.dtype());
+        let mut source = vec![(received * k) as i64; padded_rows];
+        for (slot, &p) in host_ints(int::<Self, 2>(positions)).iter().enumerate() {
+            if p >= 0 {
+                source[p as usize] = slot as i64;
+            }
+        }
+        let flat = Tensor::cat(
+            vec![
+                weights.reshape([received * k]),
+                Tensor::zeros([1], (&device, dtype)),
+            ],
+            0,
+        );
+        flat.select(0, int_tensor::<Self, 1>(source, [padded_rows], &device))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// Reduce: for every received row, the sum over its local experts (ascending) of
+    /// weight × expert output, from `y [P, H]`; gives `[R, H]`. The adjoint of expand.
+    fn ep_reduce(
+        y: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let y = float::<Self, 2>(y);
+        let [padded_rows, hidden] = y.dims();
+        let (device, dtype) = (y.device(), y.dtype());
+        let row_weights = float::<Self, 1>(Self::ep_expand_weights(
+            weights,
+            positions.clone(),
+            padded_rows,
+        ));
+        let weighted = y * row_weights.cast(dtype).reshape([padded_rows, 1]);
+        let weighted = Tensor::cat(
+            vec![weighted, Tensor::zeros([1, hidden], (&device, dtype))],
+            0,
+        );
+        let positions = int::<Self, 2>(positions);
+        let [received, k] = positions.dims();
+        let positions = host_ints(positions);
+        let mut contributions: Vec<Vec<i64>> = positions
+            .chunks(k)
+            .map(|row| row.iter().copied().filter(|&p| p >= 0).collect())
+            .collect();
+        contributions.iter_mut().for_each(|c| c.sort_unstable());
+        let most = contributions.iter().map(Vec::len).max().unwrap_or(0);
+        let mut acc: Option<Tensor<Self, 2>> = None;
+        for q in 0..most {
+            let index: Vec<i64> = contributions
+                .iter()
+                .map(|c| c.get(q).copied().unwrap_or(padded_rows as i64))
+                .collect();
+            let term = weighted
+                .clone()
+                .select(0, int_tensor::<Self, 1>(index, [received], &device));
+            acc = Some(match acc {
+                Some(acc) => acc + term,
+                None => term,
+            });
+        }
+        acc.unwrap_or_else(|| Tensor::zeros([received, hidden], (&device, dtype)))
+            .into_primitive()
+            .tensor()
+    }
+
+    /// Sum: the source side of combine. `back [S, H]` holds what each rank sent back,
+    /// in the send segments' layout; every token sums its rows in rank order.
+    fn ep_sum(
+        back: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        send_counts: &[usize],
+    ) -> FloatTensor<Self> {
+        let back = float::<Self, 2>(back);
+        let [sent, hidden] = back.dims();
+        let (device, dtype) = (back.device(), back.dtype());
+        let slots = int::<Self, 2>(slots);
+        let [tokens, world] = slots.dims();
+        let slots = host_ints(slots);
+        let back = Tensor::cat(vec![back, Tensor::zeros([1, hidden], (&device, dtype))], 0);
+        let mut acc: Option<Tensor<Self, 2>> = None;
+        let mut offset = 0;
+        for (d, &count) in send_counts.iter().enumerate() {
+            if count > 0 {
+                let index: Vec<i64> = (0..tokens)
+                    .map(|t| match slots[t * world + d] {
+                        -1 => sent as i64,
+                        s => offset as i64 + s,
+                    })
+                    .collect();
+                let term = back
+                    .clone()
+                    .select(0, int_tensor::<Self, 1>(index, [tokens], &device));
+                acc = Some(match acc {
+                    Some(acc) => acc + term,
+                    None => term,
+                });
+            }
+            offset += count;
+        }
+        acc.unwrap_or_else(|| Tensor::zeros([tokens, hidden], (&device, dtype)))
+            .into_primitive()
+            .tensor()
+    }
+}
+
+/// For every row of the send buffer, the token it comes from.
+fn send_sources(slots: &[i64], send_counts: &[usize]) -> Vec<i64> {
+    let world = send_counts.len();
+    let mut offsets = vec![0usize; world];
+    for d in 1..world {
+        offsets[d] = offsets[d - 1] + send_counts[d - 1];
+    }
+    let mut source = vec![0i64; send_counts.iter().sum()];
+    for (i, &s) in slots.iter().enumerate() {
+        if s >= 0 {
+            source[offsets[i % world] + s as usize] = (i / world) as i64;
+        }
+    }
+    source
+}
+
+pub(crate) fn int<B: Backend, const D: usize>(t: IntTensor<B>) -> Tensor<B, D, Int> {
+    Tensor::from_primitive(t)
+}
+
+pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+pub(crate) fn int_tensor<B: Backend, const D: usize>(
+    values: Vec<i64>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D, Int> {
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+pub(crate) fn host_ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    t.into_data().iter::<i64>().collect()
+}
+
+impl<E, I, Q> ExpertParallelBackend for burn::backend::NdArray<E, I, Q>
+where
+    E: burn::backend::ndarray::FloatNdArrayElement,
+    I: burn::backend::ndarray::IntNdArrayElement,
+    Q: burn::backend::ndarray::QuantElement,
+    burn::backend::ndarray::NdArrayTensor:
+        From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
+{
+}
