@@ -1,2 +1,14 @@
-//! ep-kernels: the CubeCL kernels of burn-ep (layout, slots, pack, expand, reduce, sum)
-//! and their launch wrappers. Filled in by the kernels issue.
+//! ep-kernels: the CubeCL kernels of burn-ep, one file per family, following
+//! DESIGN.md's data flow: [`layout`] → [`slots`] → [`pack`] → (transport) →
+//! [`expand`]; combine runs [`reduce`] → (transport) → [`sum`].
+//!
+//! Kernels take flat arrays; the launch code lives with the backend (burn-ep's
+//! `cube` module), which owns the tensors. Integer atomics are limited to adds and
+//! plane operations are optional, so every kernel runs on lavapipe's WGSL.
+
+pub mod expand;
+pub mod layout;
+pub mod pack;
+pub mod reduce;
+pub mod slots;
+pub mod sum;

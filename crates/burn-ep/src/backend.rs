@@ -6,8 +6,9 @@
 //! `pack` and `expand` (and between `reduce` and `sum`) belongs to the group.
 //!
 //! Conventions shared by all implementations:
-//! - `slots [T, W]`: for token `t` and rank `d`, the token's row in `d`'s send
-//!   segment, or `-1` when nothing goes there. Segments are contiguous, in rank order.
+//! - `slots [T, W]`: for token `t` and rank `d`, the token's row in the send buffer,
+//!   or `-1` when nothing goes to `d`. The buffer holds one contiguous segment per
+//!   rank, in rank order; within a segment, rows are in token order.
 //! - `positions [R, K]`: for received row `i` and top-k slot `k`, the expert-major
 //!   row it expands to, or `-1` when the slot's expert is on another rank. Positions
 //!   of one row increase with the local expert id, since groups are in expert order.
@@ -28,6 +29,16 @@ pub struct LayoutOutput<B: Backend> {
     pub send_counts: Vec<usize>,
     /// (token, expert) pairs this rank sends to each global expert.
     pub tokens_per_expert: Vec<usize>,
+}
+
+/// The routing metadata a recording pack moves beside the rows.
+#[derive(Debug, Clone)]
+pub struct PackMeta<B: Backend> {
+    /// `[T, K]` global expert ids.
+    pub topk_idx: IntTensor<B>,
+    /// `[T, K]` top-k weights.
+    pub topk_weights: FloatTensor<B>,
+    pub experts_per_rank: usize,
 }
 
 /// Backends that can run the steps of dispatch and combine.
@@ -58,6 +69,16 @@ pub trait ExpertParallelBackend: Backend {
                 }
             }
         }
+        // Segment-local slots to rows of the whole send buffer.
+        let mut offset = 0;
+        for (d, &count) in send_counts.iter().enumerate() {
+            for t in 0..tokens {
+                if slots[t * world + d] >= 0 {
+                    slots[t * world + d] += offset;
+                }
+            }
+            offset += count as i64;
+        }
         Ok(LayoutOutput {
             slots: int_tensor::<Self, 2>(slots, [tokens, world], &device).into_primitive(),
             send_counts,
@@ -65,54 +86,51 @@ pub trait ExpertParallelBackend: Backend {
         })
     }
 
-    /// Pack: the rows of `x [T, H]` into per-rank contiguous send segments `[S, H]`
-    /// (`send_counts` per rank, `S` their sum), following `slots`.
+    /// Pack: the rows of `x [T, H]` into the send buffer `[S, H]` following `slots`.
+    /// When recording, also the metadata of every sent row: its top-k weights
+    /// `[S, K]`, and its slots as destination-local expert ids `[S, K]` (`-1` where
+    /// the slot's expert is on another rank). Replays pass no `meta`.
     fn ep_pack(
         x: FloatTensor<Self>,
         slots: IntTensor<Self>,
-        send_counts: &[usize],
-    ) -> FloatTensor<Self> {
+        sent_rows: usize,
+        meta: Option<PackMeta<Self>>,
+    ) -> (FloatTensor<Self>, Option<(FloatTensor<Self>, IntTensor<Self>)>) {
         let x = float::<Self, 2>(x);
-        let source = send_sources(&host_ints(int::<Self, 2>(slots)), send_counts);
-        let index = int_tensor::<Self, 1>(source, [send_counts.iter().sum()], &x.device());
-        x.select(0, index).into_primitive().tensor()
-    }
-
-    /// Pack of the routing metadata, recorded dispatch only: the top-k weights
-    /// `[S, K]` of every sent row, and its slots as destination-local expert ids
-    /// `[S, K]` (`-1` where the slot's expert is on another rank).
-    fn ep_pack_meta(
-        topk_idx: IntTensor<Self>,
-        topk_weights: FloatTensor<Self>,
-        slots: IntTensor<Self>,
-        send_counts: &[usize],
-        experts_per_rank: usize,
-    ) -> (FloatTensor<Self>, IntTensor<Self>) {
-        let weights = float::<Self, 2>(topk_weights);
-        let [_, k] = weights.dims();
-        let device = weights.device();
-        let total: usize = send_counts.iter().sum();
-        let ids = host_ints(int::<Self, 2>(topk_idx));
-        let source = send_sources(&host_ints(int::<Self, 2>(slots)), send_counts);
-        let mut local = Vec::with_capacity(total * k);
-        let mut row = 0;
-        for (d, &count) in send_counts.iter().enumerate() {
-            for &t in &source[row..row + count] {
-                local.extend(ids[t as usize * k..(t as usize + 1) * k].iter().map(|&e| {
-                    if e >= 0 && e as usize / experts_per_rank == d {
-                        e % experts_per_rank as i64
-                    } else {
-                        -1
-                    }
-                }));
+        let device = x.device();
+        let slots = int::<Self, 2>(slots);
+        let world = slots.dims()[1];
+        let slots = host_ints(slots);
+        let mut source = vec![0i64; sent_rows];
+        let mut dest = vec![0usize; sent_rows];
+        for (at, &s) in slots.iter().enumerate() {
+            if s >= 0 {
+                source[s as usize] = (at / world) as i64;
+                dest[s as usize] = at % world;
             }
-            row += count;
         }
-        let index = int_tensor::<Self, 1>(source, [total], &device);
-        (
-            weights.select(0, index).into_primitive().tensor(),
-            int_tensor::<Self, 2>(local, [total, k], &device).into_primitive(),
-        )
+        let meta = meta.map(|m| {
+            let weights = float::<Self, 2>(m.topk_weights);
+            let k = weights.dims()[1];
+            let ids = host_ints(int::<Self, 2>(m.topk_idx));
+            let per_rank = m.experts_per_rank as i64;
+            let local: Vec<i64> = source
+                .iter()
+                .zip(&dest)
+                .flat_map(|(&t, &d)| {
+                    ids[t as usize * k..(t as usize + 1) * k].iter().map(move |&e| {
+                        if e >= 0 && e / per_rank == d as i64 { e % per_rank } else { -1 }
+                    })
+                })
+                .collect();
+            let index = int_tensor::<Self, 1>(source.clone(), [sent_rows], &device);
+            (
+                weights.select(0, index).into_primitive().tensor(),
+                int_tensor::<Self, 2>(local, [sent_rows, k], &device).into_primitive(),
+            )
+        });
+        let index = int_tensor::<Self, 1>(source, [sent_rows], &device);
+        (x.select(0, index).into_primitive().tensor(), meta)
     }
 
     /// Receive-side slots: the expert-major row of every (received row, slot), from
@@ -241,12 +259,8 @@ pub trait ExpertParallelBackend: Backend {
     }
 
     /// Sum: the source side of combine. `back [S, H]` holds what each rank sent back,
-    /// in the send segments' layout; every token sums its rows in rank order.
-    fn ep_sum(
-        back: FloatTensor<Self>,
-        slots: IntTensor<Self>,
-        send_counts: &[usize],
-    ) -> FloatTensor<Self> {
+    /// in the send buffer's layout; every token sums its rows in rank order.
+    fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
         let back = float::<Self, 2>(back);
         let [sent, hidden] = back.dims();
         let (device, dtype) = (back.device(), back.dtype());
@@ -255,45 +269,26 @@ pub trait ExpertParallelBackend: Backend {
         let slots = host_ints(slots);
         let back = Tensor::cat(vec![back, Tensor::zeros([1, hidden], (&device, dtype))], 0);
         let mut acc: Option<Tensor<Self, 2>> = None;
-        let mut offset = 0;
-        for (d, &count) in send_counts.iter().enumerate() {
-            if count > 0 {
-                let index: Vec<i64> = (0..tokens)
-                    .map(|t| match slots[t * world + d] {
-                        -1 => sent as i64,
-                        s => offset as i64 + s,
-                    })
-                    .collect();
-                let term = back
-                    .clone()
-                    .select(0, int_tensor::<Self, 1>(index, [tokens], &device));
-                acc = Some(match acc {
-                    Some(acc) => acc + term,
-                    None => term,
-                });
+        for d in 0..world {
+            let index: Vec<i64> = (0..tokens)
+                .map(|t| match slots[t * world + d] {
+                    -1 => sent as i64,
+                    s => s,
+                })
+                .collect();
+            if index.iter().all(|&i| i == sent as i64) {
+                continue;
             }
-            offset += count;
+            let term = back.clone().select(0, int_tensor::<Self, 1>(index, [tokens], &device));
+            acc = Some(match acc {
+                Some(acc) => acc + term,
+                None => term,
+            });
         }
         acc.unwrap_or_else(|| Tensor::zeros([tokens, hidden], (&device, dtype)))
             .into_primitive()
             .tensor()
     }
-}
-
-/// For every row of the send buffer, the token it comes from.
-fn send_sources(slots: &[i64], send_counts: &[usize]) -> Vec<i64> {
-    let world = send_counts.len();
-    let mut offsets = vec![0usize; world];
-    for d in 1..world {
-        offsets[d] = offsets[d - 1] + send_counts[d - 1];
-    }
-    let mut source = vec![0i64; send_counts.iter().sum()];
-    for (i, &s) in slots.iter().enumerate() {
-        if s >= 0 {
-            source[offsets[i % world] + s as usize] = (i / world) as i64;
-        }
-    }
-    source
 }
 
 pub(crate) fn int<B: Backend, const D: usize>(t: IntTensor<B>) -> Tensor<B, D, Int> {

@@ -1,10 +1,405 @@
-//! `ExpertParallelBackend` for CubeCL backends (wgpu, CUDA): the kernels of `ep-kernels`.
+//! `ExpertParallelBackend` for CubeCL backends (wgpu, CUDA): the kernels of
+//! `ep-kernels`, launched on the tensors' own client and stream.
+//!
+//! Buffers the kernels index flatly are allocated with `client.empty` (never
+//! pitched) and inputs made contiguous first: CUDA pads the rows of tensors made
+//! through the usual paths.
 
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Shape, TensorMetadata};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::features::Plane;
+use cubecl::prelude::*;
+use ep_core::{validate, EpConfig, EpError, EpResult};
+use ep_kernels::{expand, layout, pack, reduce, slots, sum};
 
-use crate::backend::ExpertParallelBackend;
+use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta};
+
+/// Units per cube for kernels with one unit per element.
+const ELEMENT_BLOCK: u32 = 256;
+/// Units per cube for kernels with one cube per row.
+const ROW_BLOCK: u32 = 128;
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertParallelBackend
     for CubeBackend<R, F, I, BT>
 {
+    fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
+        let topk_idx = into_contiguous(topk_idx);
+        let [tokens, top_k] = dims2(&topk_idx);
+        let (client, device, int_dtype) = (topk_idx.client.clone(), topk_idx.device.clone(), topk_idx.dtype);
+        let world = config.world_size;
+        let stats_len = layout::stats_len(world, config.num_experts);
+        let stats = client.create_from_slice(&vec![0u8; stats_len * 4]);
+        let in_rank = alloc::<R, _>(&client, &device, [tokens, world], DType::U32);
+        let slots_out = alloc::<R, _>(&client, &device, [tokens, world], int_dtype);
+
+        layout::layout_kernel::launch::<R>(
+            &client,
+            elementwise_count(tokens),
+            CubeDim::new_1d(ELEMENT_BLOCK),
+            topk_idx.clone().into_array_arg(),
+            in_rank.clone().into_array_arg(),
+            unsafe { ArrayArg::from_raw_parts(stats.clone(), stats_len) },
+            tokens,
+            world,
+            top_k,
+            config.experts_per_rank(),
+            config.num_experts,
+            int_dtype.into(),
+        );
+        column_scan::<R>(&in_rank, &slots_out, stats.clone(), tokens, world);
+        slots::offset_slots_kernel::launch::<R>(
+            &client,
+            elementwise_count(tokens * world),
+            CubeDim::new_1d(ELEMENT_BLOCK),
+            slots_out.clone().into_array_arg(),
+            unsafe { ArrayArg::from_raw_parts(stats.clone(), world) },
+            tokens,
+            world,
+            int_dtype.into(),
+        );
+
+        // The one host synchronisation of the layout: the counts.
+        let stats = read_u32(&client, stats)?;
+        if stats[world + config.num_experts] > 0 {
+            // Rare path: find and name the bad id on the host.
+            let ids = crate::backend::host_ints(crate::backend::int::<Self, 2>(topk_idx));
+            validate::check_topk_idx(config, &ids)?;
+            return Err(EpError::Transport(
+                "layout kernel flagged a bad expert id the host check did not find".into(),
+            ));
+        }
+        Ok(LayoutOutput {
+            slots: slots_out,
+            send_counts: stats[..world].iter().map(|&c| c as usize).collect(),
+            tokens_per_expert: stats[world..world + config.num_experts]
+                .iter()
+                .map(|&c| c as usize)
+                .collect(),
+        })
+    }
+
+    fn ep_pack(
+        x: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        sent_rows: usize,
+        meta: Option<PackMeta<Self>>,
+    ) -> (FloatTensor<Self>, Option<(FloatTensor<Self>, IntTensor<Self>)>) {
+        let (x, slots) = (into_contiguous(x), into_contiguous(slots));
+        let [_, hidden] = dims2(&x);
+        let out = alloc::<R, _>(&x.client, &x.device, [sent_rows, hidden], x.dtype);
+        let meta = meta.map(|m| {
+            let (idx, weights) = (into_contiguous(m.topk_idx), into_contiguous(m.topk_weights));
+            let top_k = dims2(&idx)[1];
+            let out_weights = alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], weights.dtype);
+            let out_local = alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], idx.dtype);
+            (idx, weights, out_weights, out_local, m.experts_per_rank)
+        });
+        launch_pack::<R>(&x, &slots, &out, meta.as_ref());
+        (out, meta.map(|(_, _, w, l, _)| (w, l)))
+    }
+
+    fn ep_expert_positions(recv_local: IntTensor<Self>, expert_offsets: &[usize]) -> IntTensor<Self> {
+        let recv_local = into_contiguous(recv_local);
+        let [rows, top_k] = dims2(&recv_local);
+        let (client, device, int_dtype) = (recv_local.client.clone(), recv_local.device.clone(), recv_local.dtype);
+        let local_experts = expert_offsets.len();
+        let member = alloc::<R, _>(&client, &device, [rows, local_experts], DType::U32);
+        let ranks = alloc::<R, _>(&client, &device, [rows, local_experts], int_dtype);
+        layout::membership_kernel::launch::<R>(
+            &client,
+            elementwise_count(rows),
+            CubeDim::new_1d(ELEMENT_BLOCK),
+            recv_local.clone().into_array_arg(),
+            member.clone().into_array_arg(),
+            rows,
+            top_k,
+            local_experts,
+            int_dtype.into(),
+        );
+        let totals = client.empty(local_experts * 4);
+        column_scan::<R>(&member, &ranks, totals, rows, local_experts);
+        let offsets: Vec<u32> = expert_offsets.iter().map(|&o| o as u32).collect();
+        let offsets = client.create_from_slice(u32_bytes(&offsets));
+        let positions = alloc::<R, _>(&client, &device, [rows, top_k], int_dtype);
+        slots::positions_kernel::launch::<R>(
+            &client,
+            elementwise_count(rows * top_k),
+            CubeDim::new_1d(ELEMENT_BLOCK),
+            recv_local.clone().into_array_arg(),
+            ranks.clone().into_array_arg(),
+            unsafe { ArrayArg::from_raw_parts(offsets, local_experts) },
+            positions.clone().into_array_arg(),
+            rows,
+            top_k,
+            local_experts,
+            int_dtype.into(),
+        );
+        positions
+    }
+
+    fn ep_expand(rows: FloatTensor<Self>, positions: IntTensor<Self>, padded_rows: usize) -> FloatTensor<Self> {
+        let (rows, positions) = (into_contiguous(rows), into_contiguous(positions));
+        let origin = origin_of::<R>(&positions, padded_rows);
+        let [_, hidden] = dims2(&rows);
+        let out = alloc::<R, _>(&rows.client, &rows.device, [padded_rows, hidden], rows.dtype);
+        launch_expand::<R>(&rows, &origin, &out, None, dims2(&positions)[1]);
+        out
+    }
+
+    fn ep_expand_weights(weights: FloatTensor<Self>, positions: IntTensor<Self>, padded_rows: usize) -> FloatTensor<Self> {
+        let (weights, positions) = (into_contiguous(weights), into_contiguous(positions));
+        let origin = origin_of::<R>(&positions, padded_rows);
+        let top_k = dims2(&positions)[1];
+        let out = alloc::<R, _>(&weights.client, &weights.device, [padded_rows], weights.dtype);
+        // Rows of the gather are single weights: the weights viewed as [R*K, 1].
+        let flat = reshape::<R, 2>(weights, [dims2(&positions)[0] * top_k, 1]);
+        let scratch = alloc::<R, _>(&flat.client, &flat.device, [padded_rows, 1], flat.dtype);
+        launch_expand::<R>(&flat, &origin, &scratch, Some((&flat, &out)), top_k);
+        out
+    }
+
+    fn ep_reduce(y: FloatTensor<Self>, positions: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (y, positions, weights) = (into_contiguous(y), into_contiguous(positions), into_contiguous(weights));
+        let [_, hidden] = dims2(&y);
+        let [rows, top_k] = dims2(&positions);
+        let out = alloc::<R, _>(&y.client, &y.device, [rows, hidden], y.dtype);
+        let n = vector_size::<R>(&y.client, hidden, y.dtype);
+        reduce::reduce_kernel::launch::<R>(
+            &y.client,
+            row_count(rows),
+            CubeDim::new_1d(ROW_BLOCK),
+            n,
+            y.clone().into_array_arg(),
+            positions.clone().into_array_arg(),
+            weights.clone().into_array_arg(),
+            out.clone().into_array_arg(),
+            rows,
+            hidden / n,
+            top_k,
+            top_k,
+            [y.dtype.into(), weights.dtype.into(), positions.dtype.into()],
+        );
+        out
+    }
+
+    fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
+        let (back, slots) = (into_contiguous(back), into_contiguous(slots));
+        let [_, hidden] = dims2(&back);
+        let [tokens, world] = dims2(&slots);
+        let out = alloc::<R, _>(&back.client, &back.device, [tokens, hidden], back.dtype);
+        let n = vector_size::<R>(&back.client, hidden, back.dtype);
+        sum::sum_kernel::launch::<R>(
+            &back.client,
+            row_count(tokens),
+            CubeDim::new_1d(ROW_BLOCK),
+            n,
+            back.clone().into_array_arg(),
+            slots.clone().into_array_arg(),
+            out.clone().into_array_arg(),
+            tokens,
+            world,
+            hidden / n,
+            [back.dtype.into(), slots.dtype.into()],
+        );
+        out
+    }
+}
+
+/// Pack launch. `meta` is `(topk_idx, topk_weights, out_weights, out_local,
+/// experts_per_rank)` when recording; replays pass `None` and the kernel's
+/// launch-uniform `record` flag skips the metadata.
+fn launch_pack<R: CubeRuntime>(
+    x: &CubeTensor<R>,
+    slots: &CubeTensor<R>,
+    out: &CubeTensor<R>,
+    meta: Option<&(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, usize)>,
+) {
+    let [tokens, hidden] = dims2(x);
+    let world = dims2(slots)[1];
+    let n = vector_size::<R>(&x.client, hidden, x.dtype);
+    // Without metadata, placeholders of the right types that the kernel never touches.
+    let (idx, weights, out_weights, out_local, top_k, experts_per_rank, record) = match meta {
+        Some((idx, w, ow, ol, per_rank)) => {
+            (idx.clone(), w.clone(), ow.clone(), ol.clone(), dims2(idx)[1], *per_rank, 1)
+        }
+        None => (slots.clone(), x.clone(), x.clone(), slots.clone(), 0, 1, 0),
+    };
+    let dtypes = [x.dtype.into(), weights.dtype.into(), idx.dtype.into()];
+    pack::pack_kernel::launch::<R>(
+        &x.client,
+        row_count(tokens),
+        CubeDim::new_1d(ROW_BLOCK),
+        n,
+        x.clone().into_array_arg(),
+        slots.clone().into_array_arg(),
+        out.clone().into_array_arg(),
+        idx.into_array_arg(),
+        weights.into_array_arg(),
+        out_weights.into_array_arg(),
+        out_local.into_array_arg(),
+        tokens,
+        world,
+        hidden / n,
+        top_k,
+        experts_per_rank,
+        record,
+        dtypes,
+    );
+}
+
+/// Expand launch. `weights` is `(recv_weights, out_weights)` to also gather each
+/// expert-major row's weight.
+fn launch_expand<R: CubeRuntime>(
+    rows: &CubeTensor<R>,
+    origin: &CubeTensor<R>,
+    out: &CubeTensor<R>,
+    weights: Option<(&CubeTensor<R>, &CubeTensor<R>)>,
+    top_k: usize,
+) {
+    let [padded_rows, hidden] = dims2(out);
+    let n = vector_size::<R>(&rows.client, hidden, rows.dtype);
+    let (recv_w, out_w, record) = match weights {
+        Some((rw, ow)) => (rw.clone(), ow.clone(), 1u32),
+        None => (rows.clone(), rows.clone(), 0u32),
+    };
+    let weight_dtype = recv_w.dtype;
+    expand::expand_kernel::launch::<R>(
+        &rows.client,
+        row_count(padded_rows),
+        CubeDim::new_1d(ROW_BLOCK),
+        n,
+        rows.clone().into_array_arg(),
+        origin.clone().into_array_arg(),
+        out.clone().into_array_arg(),
+        recv_w.into_array_arg(),
+        out_w.into_array_arg(),
+        padded_rows,
+        hidden / n,
+        top_k,
+        record,
+        [rows.dtype.into(), weight_dtype.into(), origin.dtype.into()],
+    );
+}
+
+/// For every expert-major row, the (row × K + slot) it comes from, or -1 for pads:
+/// the inverse of `positions [R, K]`.
+fn origin_of<R: CubeRuntime>(positions: &CubeTensor<R>, padded_rows: usize) -> CubeTensor<R> {
+    let [rows, top_k] = dims2(positions);
+    let origin = alloc::<R, _>(&positions.client, &positions.device, [padded_rows], positions.dtype);
+    slots::fill_kernel::launch::<R>(
+        &positions.client,
+        elementwise_count(padded_rows),
+        CubeDim::new_1d(ELEMENT_BLOCK),
+        origin.clone().into_array_arg(),
+        padded_rows,
+        -1i64,
+        origin.dtype.into(),
+    );
+    slots::invert_positions_kernel::launch::<R>(
+        &positions.client,
+        elementwise_count(rows * top_k),
+        CubeDim::new_1d(ELEMENT_BLOCK),
+        positions.clone().into_array_arg(),
+        origin.clone().into_array_arg(),
+        rows * top_k,
+        origin.dtype.into(),
+    );
+    origin
+}
+
+/// Column scan of a `[rows, cols]` u32 0/1 matrix into `slots` (same shape, int),
+/// with the column totals in `totals[..cols]`.
+fn column_scan<R: CubeRuntime>(
+    flags: &CubeTensor<R>,
+    slots_out: &CubeTensor<R>,
+    totals: cubecl::server::Handle,
+    rows: usize,
+    cols: usize,
+) {
+    let client = &flags.client;
+    let use_plane = plane_scan_enabled(client);
+    slots::column_scan_kernel::launch::<R>(
+        client,
+        CubeCount::Static(cols as u32, 1, 1),
+        CubeDim::new_1d(slots::SCAN_BLOCK as u32),
+        flags.clone().into_array_arg(),
+        slots_out.clone().into_array_arg(),
+        unsafe { ArrayArg::from_raw_parts(totals, cols) },
+        rows,
+        cols,
+        slots::SCAN_BLOCK,
+        use_plane,
+        slots_out.dtype.into(),
+    );
+}
+
+/// Plane (warp) scans where the client has plane operations, unless
+/// `BURN_EP_PORTABLE_SCAN=1` asks for the shared-memory scan (to test it on a GPU).
+fn plane_scan_enabled<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
+    let forced_portable = std::env::var("BURN_EP_PORTABLE_SCAN").is_ok_and(|v| v == "1");
+    let plane = client.properties().hardware.plane_size_min;
+    !forced_portable
+        && client.features().plane.contains(Plane::Ops)
+        && plane > 0
+        && plane == client.properties().hardware.plane_size_max
+        && slots::SCAN_BLOCK.is_multiple_of(plane as usize)
+        && slots::SCAN_BLOCK / plane as usize <= plane as usize
+}
+
+/// The widest vector that divides the row and the client loads in one go.
+fn vector_size<R: CubeRuntime>(client: &ComputeClient<R>, hidden: usize, dtype: DType) -> usize {
+    client
+        .io_optimized_vector_sizes(dtype.size())
+        .find(|&n| hidden.is_multiple_of(n))
+        .unwrap_or(1)
+}
+
+fn elementwise_count(n: usize) -> CubeCount {
+    row_count(n.div_ceil(ELEMENT_BLOCK as usize))
+}
+
+/// `n` cubes, spread over two dimensions to stay under per-dimension limits
+/// (65535 on wgpu); kernels guard the excess.
+fn row_count(n: usize) -> CubeCount {
+    let x = n.clamp(1, 65535);
+    CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
+}
+
+fn alloc<R: CubeRuntime, const D: usize>(
+    client: &ComputeClient<R>,
+    device: &R::Device,
+    shape: [usize; D],
+    dtype: DType,
+) -> CubeTensor<R> {
+    let bytes = shape.iter().product::<usize>() * dtype.size();
+    let handle = client.empty(bytes.max(4));
+    CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new(shape), handle, dtype)
+}
+
+/// A contiguous tensor seen with another shape of the same size.
+fn reshape<R: CubeRuntime, const D: usize>(t: CubeTensor<R>, shape: [usize; D]) -> CubeTensor<R> {
+    CubeTensor::new_contiguous(t.client, t.device, Shape::new(shape), t.handle, t.dtype)
+}
+
+fn dims2<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {
+    let shape = t.shape();
+    [shape[0], if shape.num_dims() > 1 { shape[1] } else { 1 }]
+}
+
+fn read_u32<R: CubeRuntime>(client: &ComputeClient<R>, handle: cubecl::server::Handle) -> EpResult<Vec<u32>> {
+    let bytes = client
+        .read_one(handle)
+        .map_err(|e| EpError::Transport(format!("reading layout counts failed: {e:?}")))?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
+}
+
+fn u32_bytes(values: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }

@@ -5,7 +5,7 @@ use ep_core::padding::sp_padded_tokens;
 use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_mesh::LocalComm;
 
-use crate::backend::{float, int, ExpertParallelBackend};
+use crate::backend::{float, int, ExpertParallelBackend, PackMeta};
 use crate::routing::Routing;
 use crate::transfer::{concat_rows, split_rows};
 
@@ -132,18 +132,18 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         // Pack rows, weights and destination-local expert ids; move them.
         let sent: usize = send_counts.iter().sum();
         let packed = slots.as_ref().filter(|_| sent > 0).map(|slots| {
-            let rows = B::ep_pack(
+            let meta = PackMeta {
+                topk_idx: topk_idx.into_primitive(),
+                topk_weights: topk_weights.into_primitive().tensor(),
+                experts_per_rank: local,
+            };
+            let (rows, meta) = B::ep_pack(
                 x.into_primitive().tensor(),
                 slots.clone().into_primitive(),
-                &send_counts,
+                sent,
+                Some(meta),
             );
-            let (weights, local_ids) = B::ep_pack_meta(
-                topk_idx.into_primitive(),
-                topk_weights.into_primitive().tensor(),
-                slots.clone().into_primitive(),
-                &send_counts,
-                local,
-            );
+            let (weights, local_ids) = meta.expect("a recording pack returns its metadata");
             vec![
                 float::<B, 2>(rows).into_data(),
                 float::<B, 2>(weights).into_data(),
@@ -228,10 +228,11 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             .as_ref()
             .filter(|_| routing.sent_rows() > 0)
             .map(|slots| {
-                let rows = B::ep_pack(
+                let (rows, _) = B::ep_pack(
                     x.into_primitive().tensor(),
                     slots.clone().into_primitive(),
-                    &routing.send_counts,
+                    routing.sent_rows(),
+                    None,
                 );
                 vec![float::<B, 2>(rows).into_data()]
             });
@@ -279,11 +280,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let out = match (back, &routing.slots) {
             (Some(back), Some(slots)) => {
                 let back: Tensor<B, 2> = self.upload(back);
-                float::<B, 2>(B::ep_sum(
-                    back.into_primitive().tensor(),
-                    slots.clone().into_primitive(),
-                    &routing.send_counts,
-                ))
+                float::<B, 2>(B::ep_sum(back.into_primitive().tensor(), slots.clone().into_primitive()))
             }
             _ => Tensor::zeros([routing.padded_tokens, hidden], (&self.device, dtype)),
         };

@@ -15,7 +15,7 @@ mod group;
 mod routing;
 mod transfer;
 
-pub use backend::{ExpertParallelBackend, LayoutOutput};
+pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta};
 pub use ep_core::{EpConfig, EpError, EpResult};
 pub use ep_mesh::{local_comms, run_local, LocalComm, Mesh, DEFAULT_TIMEOUT};
 pub use group::{Dispatched, EpGroup};

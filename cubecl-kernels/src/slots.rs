@@ -1,0 +1,198 @@
+//! Slots: exclusive prefix sums, so every (token, rank) and every (received row,
+//! local expert) gets its place in token order. No atomics: the order is fixed.
+//!
+//! The block scan has two forms, chosen per launch: plane (warp) operations where
+//! the client has them (CUDA), and a shared-memory Hillis-Steele scan where it does
+//! not (lavapipe's WGSL has no plane operations).
+
+use cubecl::prelude::*;
+
+/// Threads per cube of the scan kernels.
+pub const SCAN_BLOCK: usize = 256;
+
+/// Inclusive prefix sum of `value` across the cube; returns (inclusive, cube total).
+/// `shared` holds `block + 1` entries.
+#[allow(unused_assignments)]
+#[cube]
+fn block_scan(
+    value: u32,
+    shared: &mut SharedMemory<u32>,
+    #[comptime] block: usize,
+    #[comptime] use_plane: bool,
+) -> (u32, u32) {
+    let unit = UNIT_POS as usize;
+    let mut inclusive = 0u32;
+    if comptime!(use_plane) {
+        let plane = PLANE_DIM as usize;
+        let planes = block / plane;
+        let in_plane = plane_inclusive_sum(value);
+        if UNIT_POS_PLANE == PLANE_DIM - 1 {
+            shared[unit / plane] = in_plane;
+        }
+        sync_cube();
+        // The first plane scans the plane totals (whole plane active: no divergence).
+        if unit < plane {
+            let mut total = 0u32;
+            if unit < planes {
+                total = shared[unit];
+            }
+            let before = plane_exclusive_sum(total);
+            let all = plane_sum(total);
+            if unit < planes {
+                shared[unit] = before;
+            }
+            if unit == 0 {
+                shared[block] = all;
+            }
+        }
+        sync_cube();
+        inclusive = in_plane + shared[unit / plane];
+    } else {
+        shared[unit] = value;
+        sync_cube();
+        let mut offset = 1usize;
+        while offset < block {
+            let mut add = 0u32;
+            if unit >= offset {
+                add = shared[unit - offset];
+            }
+            sync_cube();
+            shared[unit] += add;
+            sync_cube();
+            offset *= 2;
+        }
+        inclusive = shared[unit];
+        if unit == block - 1 {
+            shared[block] = inclusive;
+        }
+        sync_cube();
+    }
+    let total = shared[block];
+    sync_cube();
+    (inclusive, total)
+}
+
+/// One cube per column of a `[rows, cols]` 0/1 matrix: `slots[r, c]` is the number
+/// of set entries above row `r` in column `c` where `flags[r, c]` is set, else `-1`;
+/// `totals[c]` is the column's count.
+#[cube(launch)]
+pub fn column_scan_kernel<I: Int>(
+    flags: &Array<u32>,
+    slots: &mut Array<I>,
+    totals: &mut Array<u32>,
+    rows: usize,
+    cols: usize,
+    #[comptime] block: usize,
+    #[comptime] use_plane: bool,
+    #[define(I)] _dtype: StorageType,
+) {
+    let c = CUBE_POS;
+    if c >= cols {
+        terminate!();
+    }
+    let unit = UNIT_POS as usize;
+    let mut shared = SharedMemory::<u32>::new(block + 1);
+    let mut carry = 0u32;
+    let chunks = (rows + block - 1) / block;
+    for chunk in 0..chunks {
+        let r = chunk * block + unit;
+        let mut flag = 0u32;
+        if r < rows {
+            flag = flags[r * cols + c];
+        }
+        let (inclusive, total) = block_scan(flag, &mut shared, block, use_plane);
+        if r < rows {
+            if flag == 1u32 {
+                slots[r * cols + c] = I::cast_from(carry + inclusive - 1u32);
+            } else {
+                slots[r * cols + c] = I::new(-1);
+            }
+        }
+        carry += total;
+    }
+    if unit == 0 {
+        totals[c] = carry;
+    }
+}
+
+/// One unit per (token, rank): turns per-rank slots into rows of the whole send
+/// buffer, whose segments are in rank order (`counts[..W]` the segment sizes).
+#[cube(launch)]
+pub fn offset_slots_kernel<I: Int>(
+    slots: &mut Array<I>,
+    counts: &Array<u32>,
+    tokens: usize,
+    world: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if at >= tokens * world {
+        terminate!();
+    }
+    let slot = slots[at];
+    if slot >= I::new(0) {
+        let d = at % world;
+        let mut offset = 0u32;
+        for before in 0..d {
+            offset += counts[before];
+        }
+        slots[at] = slot + I::cast_from(offset);
+    }
+}
+
+/// One unit per (received row, slot): the expert-major row of each slot, from the
+/// local expert's padded group start (`offsets [L]`) and the row's rank within the
+/// expert (`ranks [R, L]`, from the column scan of the membership matrix).
+#[cube(launch)]
+pub fn positions_kernel<I: Int>(
+    local_ids: &Array<I>,
+    ranks: &Array<I>,
+    offsets: &Array<u32>,
+    positions: &mut Array<I>,
+    rows: usize,
+    top_k: usize,
+    local_experts: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if at >= rows * top_k {
+        terminate!();
+    }
+    let j = local_ids[at];
+    if j >= I::new(0) {
+        let i = at / top_k;
+        let ju = usize::cast_from(j);
+        let p = usize::cast_from(offsets[ju]) + usize::cast_from(ranks[i * local_experts + ju]);
+        positions[at] = I::cast_from(p);
+    } else {
+        positions[at] = I::new(-1);
+    }
+}
+
+/// One unit per element: `out[i] = value`.
+#[cube(launch)]
+pub fn fill_kernel<I: Int>(out: &mut Array<I>, len: usize, value: i64, #[define(I)] _dtype: StorageType) {
+    let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if at < len {
+        out[at] = I::cast_from(value);
+    }
+}
+
+/// One unit per (received row, slot): `origin[positions[at]] = at` (the inverse of
+/// `positions`; `origin` pre-filled with `-1` keeps pad rows at `-1`).
+#[cube(launch)]
+pub fn invert_positions_kernel<I: Int>(
+    positions: &Array<I>,
+    origin: &mut Array<I>,
+    len: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if at >= len {
+        terminate!();
+    }
+    let p = positions[at];
+    if p >= I::new(0) {
+        origin[usize::cast_from(p)] = I::cast_from(at);
+    }
+}
