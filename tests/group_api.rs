@@ -13,11 +13,11 @@ use rstest::rstest;
 fn on<R>(
     which: Which,
     ndarray: impl FnOnce(burn::tensor::Device<NdArray>) -> R,
-    wgpu: impl FnOnce(burn::tensor::Device<Wgpu>) -> R,
+    wgpu: impl FnOnce(burn::tensor::Device<Cube>) -> R,
 ) -> R {
     match which {
         Which::NdArray => ndarray(Default::default()),
-        Which::Wgpu => wgpu(Default::default()),
+        Which::Cube => wgpu(Default::default()),
     }
 }
 
@@ -79,8 +79,8 @@ fn three_layers<B: ExpertParallelBackend>(device: B::Device) {
 }
 
 #[rstest]
-fn one_group_serves_three_layers(#[values(Which::NdArray, Which::Wgpu)] which: Which) {
-    on(which, three_layers::<NdArray>, three_layers::<Wgpu>);
+fn one_group_serves_three_layers(#[values(Which::NdArray, Which::Cube)] which: Which) {
+    on(which, three_layers::<NdArray>, three_layers::<Cube>);
 }
 
 /// Dispatch + combine with sequence-parallel padding equals the reference on the
@@ -137,14 +137,14 @@ fn sp_padding<B: ExpertParallelBackend>(device: B::Device, tokens: usize, sp: us
 #[case(8, 4)]
 #[case(0, 4)]
 fn sequence_parallel_padding(
-    #[values(Which::NdArray, Which::Wgpu)] which: Which,
+    #[values(Which::NdArray, Which::Cube)] which: Which,
     #[case] tokens: usize,
     #[case] sp: usize,
 ) {
     on(
         which,
         |d| sp_padding::<NdArray>(d, tokens, sp),
-        |d| sp_padding::<Wgpu>(d, tokens, sp),
+        |d| sp_padding::<Cube>(d, tokens, sp),
     );
 }
 
@@ -239,8 +239,8 @@ fn errors<B: ExpertParallelBackend>(device: B::Device) {
 }
 
 #[rstest]
-fn bad_input_gives_clear_errors(#[values(Which::NdArray, Which::Wgpu)] which: Which) {
-    on(which, errors::<NdArray>, errors::<Wgpu>);
+fn bad_input_gives_clear_errors(#[values(Which::NdArray, Which::Cube)] which: Which) {
+    on(which, errors::<NdArray>, errors::<Cube>);
 }
 
 #[test]

@@ -171,7 +171,12 @@ pub fn positions_kernel<I: Int>(
 
 /// One unit per element: `out[i] = value`.
 #[cube(launch)]
-pub fn fill_kernel<I: Int>(out: &mut Array<I>, len: usize, value: i64, #[define(I)] _dtype: StorageType) {
+pub fn fill_kernel<I: Int>(
+    out: &mut Array<I>,
+    len: usize,
+    value: i64,
+    #[define(I)] _dtype: StorageType,
+) {
     let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
     if at < len {
         out[at] = I::cast_from(value);

@@ -6,16 +6,37 @@ use std::time::Duration;
 
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_ep::{run_local, EpConfig, EpGroup, EpResult, ExpertParallelBackend, LocalComm};
-use ep_core::reference::RankBatch;
+use ep_core::reference::{self, RankBatch};
 
 pub type NdArray = burn::backend::NdArray<f32>;
-pub type Wgpu = burn::backend::Wgpu<f32, i32>;
+/// The CubeCL backend under test: wgpu (lavapipe in CI), or CUDA when the tests
+/// are built with the `cuda` feature (on a GPU host).
+#[cfg(not(feature = "cuda"))]
+pub type Cube = burn::backend::Wgpu<f32, i32>;
+#[cfg(feature = "cuda")]
+pub type Cube = burn::backend::Cuda<f32, i32>;
 
-/// The backends every routing test runs on.
+/// The backends every routing test runs on: the tensor-op fallback and the kernels.
 #[derive(Debug, Clone, Copy)]
 pub enum Which {
     NdArray,
-    Wgpu,
+    Cube,
+}
+
+/// Compares a combine output with the reference: exactly, except on CUDA, whose
+/// compiler may fuse the reduce's multiply and add (one rounding instead of two).
+pub fn assert_combine_eq(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if cfg!(feature = "cuda") {
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{what}: element {i}: {g} vs {w}"
+            );
+        }
+    } else {
+        assert_eq!(got, want, "{what}");
+    }
 }
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
@@ -107,4 +128,74 @@ pub fn apply_experts<B: ExpertParallelBackend>(
     let n = scale.len();
     let device = rows.device();
     rows * floats::<B>(&scale, [n, 1], &device)
+}
+
+/// What one rank saw: expert-major rows, counts, weights, combine output, replay rows.
+type RankOutcome = (
+    Vec<f32>,
+    Vec<usize>,
+    Vec<usize>,
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+);
+
+pub fn check_against_reference<B: ExpertParallelBackend>(
+    device: B::Device,
+    config: EpConfig,
+    batches: Vec<RankBatch>,
+    fresh: Vec<RankBatch>,
+) {
+    let (k, h, local) = (config.top_k, config.hidden_size, config.experts_per_rank());
+    let expected = reference::dispatch(&config, &batches).unwrap();
+
+    let outcomes: Vec<RankOutcome> = run_group::<B, _, _>(&config, &device, |group| {
+        let rank = group.rank();
+        let (x, idx, w) = inputs::<B>(&batches[rank], k, &device);
+        let d = group.dispatch(x, idx, w)?;
+        let offsets = d.routing.expert_offsets().to_vec();
+        let y = apply_experts(d.rows.clone(), &offsets, rank * local);
+        let combined = group.combine(y, &d.routing)?;
+        let new_x = floats::<B>(&fresh[rank].x, [fresh[rank].tokens, h], &device);
+        let replayed = group.dispatch_cached(new_x, &d.routing)?;
+        Ok((
+            host(d.rows),
+            d.expert_counts,
+            offsets,
+            host(d.routing.weights()),
+            host(combined),
+            host(replayed),
+        ))
+    })
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect();
+
+    let mut expert_outputs = Vec::new();
+    for (rank, ((rows, counts, offsets, weights, _, _), e)) in
+        outcomes.iter().zip(&expected).enumerate()
+    {
+        assert_eq!(
+            counts, &e.routing.expert_counts,
+            "rank {rank}: expert counts"
+        );
+        assert_eq!(rows, &e.rows, "rank {rank}: expert-major rows");
+        assert_eq!(weights, &e.weights, "rank {rank}: row weights");
+        expert_outputs.push(apply_experts_host(&e.rows, offsets, rank * local, h));
+    }
+    let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();
+    let combined = reference::combine(&config, &batches, &routings, &expert_outputs);
+    let xs: Vec<&[f32]> = fresh.iter().map(|b| b.x.as_slice()).collect();
+    let replayed = reference::dispatch_cached(&routings, &xs, h);
+    for (rank, outcome) in outcomes.iter().enumerate() {
+        assert_combine_eq(
+            &outcome.4,
+            &combined[rank],
+            &format!("rank {rank}: combine"),
+        );
+        assert_eq!(
+            outcome.5, replayed[rank],
+            "rank {rank}: replay must move the new payload"
+        );
+    }
 }

@@ -95,7 +95,10 @@ pub trait ExpertParallelBackend: Backend {
         slots: IntTensor<Self>,
         sent_rows: usize,
         meta: Option<PackMeta<Self>>,
-    ) -> (FloatTensor<Self>, Option<(FloatTensor<Self>, IntTensor<Self>)>) {
+    ) -> (
+        FloatTensor<Self>,
+        Option<(FloatTensor<Self>, IntTensor<Self>)>,
+    ) {
         let x = float::<Self, 2>(x);
         let device = x.device();
         let slots = int::<Self, 2>(slots);
@@ -118,9 +121,15 @@ pub trait ExpertParallelBackend: Backend {
                 .iter()
                 .zip(&dest)
                 .flat_map(|(&t, &d)| {
-                    ids[t as usize * k..(t as usize + 1) * k].iter().map(move |&e| {
-                        if e >= 0 && e / per_rank == d as i64 { e % per_rank } else { -1 }
-                    })
+                    ids[t as usize * k..(t as usize + 1) * k]
+                        .iter()
+                        .map(move |&e| {
+                            if e >= 0 && e / per_rank == d as i64 {
+                                e % per_rank
+                            } else {
+                                -1
+                            }
+                        })
                 })
                 .collect();
             let index = int_tensor::<Self, 1>(source.clone(), [sent_rows], &device);
@@ -279,7 +288,9 @@ pub trait ExpertParallelBackend: Backend {
             if index.iter().all(|&i| i == sent as i64) {
                 continue;
             }
-            let term = back.clone().select(0, int_tensor::<Self, 1>(index, [tokens], &device));
+            let term = back
+                .clone()
+                .select(0, int_tensor::<Self, 1>(index, [tokens], &device));
             acc = Some(match acc {
                 Some(acc) => acc + term,
                 None => term,

@@ -28,7 +28,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
         let topk_idx = into_contiguous(topk_idx);
         let [tokens, top_k] = dims2(&topk_idx);
-        let (client, device, int_dtype) = (topk_idx.client.clone(), topk_idx.device.clone(), topk_idx.dtype);
+        let (client, device, int_dtype) = (
+            topk_idx.client.clone(),
+            topk_idx.device.clone(),
+            topk_idx.dtype,
+        );
         let world = config.world_size;
         let stats_len = layout::stats_len(world, config.num_experts);
         let stats = client.create_from_slice(&vec![0u8; stats_len * 4]);
@@ -86,14 +90,18 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         slots: IntTensor<Self>,
         sent_rows: usize,
         meta: Option<PackMeta<Self>>,
-    ) -> (FloatTensor<Self>, Option<(FloatTensor<Self>, IntTensor<Self>)>) {
+    ) -> (
+        FloatTensor<Self>,
+        Option<(FloatTensor<Self>, IntTensor<Self>)>,
+    ) {
         let (x, slots) = (into_contiguous(x), into_contiguous(slots));
         let [_, hidden] = dims2(&x);
         let out = alloc::<R, _>(&x.client, &x.device, [sent_rows, hidden], x.dtype);
         let meta = meta.map(|m| {
             let (idx, weights) = (into_contiguous(m.topk_idx), into_contiguous(m.topk_weights));
             let top_k = dims2(&idx)[1];
-            let out_weights = alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], weights.dtype);
+            let out_weights =
+                alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], weights.dtype);
             let out_local = alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], idx.dtype);
             (idx, weights, out_weights, out_local, m.experts_per_rank)
         });
@@ -101,10 +109,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         (out, meta.map(|(_, _, w, l, _)| (w, l)))
     }
 
-    fn ep_expert_positions(recv_local: IntTensor<Self>, expert_offsets: &[usize]) -> IntTensor<Self> {
+    fn ep_expert_positions(
+        recv_local: IntTensor<Self>,
+        expert_offsets: &[usize],
+    ) -> IntTensor<Self> {
         let recv_local = into_contiguous(recv_local);
         let [rows, top_k] = dims2(&recv_local);
-        let (client, device, int_dtype) = (recv_local.client.clone(), recv_local.device.clone(), recv_local.dtype);
+        let (client, device, int_dtype) = (
+            recv_local.client.clone(),
+            recv_local.device.clone(),
+            recv_local.dtype,
+        );
         let local_experts = expert_offsets.len();
         let member = alloc::<R, _>(&client, &device, [rows, local_experts], DType::U32);
         let ranks = alloc::<R, _>(&client, &device, [rows, local_experts], int_dtype);
@@ -140,20 +155,38 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         positions
     }
 
-    fn ep_expand(rows: FloatTensor<Self>, positions: IntTensor<Self>, padded_rows: usize) -> FloatTensor<Self> {
+    fn ep_expand(
+        rows: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+    ) -> FloatTensor<Self> {
         let (rows, positions) = (into_contiguous(rows), into_contiguous(positions));
         let origin = origin_of::<R>(&positions, padded_rows);
         let [_, hidden] = dims2(&rows);
-        let out = alloc::<R, _>(&rows.client, &rows.device, [padded_rows, hidden], rows.dtype);
+        let out = alloc::<R, _>(
+            &rows.client,
+            &rows.device,
+            [padded_rows, hidden],
+            rows.dtype,
+        );
         launch_expand::<R>(&rows, &origin, &out, None, dims2(&positions)[1]);
         out
     }
 
-    fn ep_expand_weights(weights: FloatTensor<Self>, positions: IntTensor<Self>, padded_rows: usize) -> FloatTensor<Self> {
+    fn ep_expand_weights(
+        weights: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+    ) -> FloatTensor<Self> {
         let (weights, positions) = (into_contiguous(weights), into_contiguous(positions));
         let origin = origin_of::<R>(&positions, padded_rows);
         let top_k = dims2(&positions)[1];
-        let out = alloc::<R, _>(&weights.client, &weights.device, [padded_rows], weights.dtype);
+        let out = alloc::<R, _>(
+            &weights.client,
+            &weights.device,
+            [padded_rows],
+            weights.dtype,
+        );
         // Rows of the gather are single weights: the weights viewed as [R*K, 1].
         let flat = reshape::<R, 2>(weights, [dims2(&positions)[0] * top_k, 1]);
         let scratch = alloc::<R, _>(&flat.client, &flat.device, [padded_rows, 1], flat.dtype);
@@ -161,8 +194,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         out
     }
 
-    fn ep_reduce(y: FloatTensor<Self>, positions: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (y, positions, weights) = (into_contiguous(y), into_contiguous(positions), into_contiguous(weights));
+    fn ep_reduce(
+        y: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let (y, positions, weights) = (
+            into_contiguous(y),
+            into_contiguous(positions),
+            into_contiguous(weights),
+        );
         let [_, hidden] = dims2(&y);
         let [rows, top_k] = dims2(&positions);
         let out = alloc::<R, _>(&y.client, &y.device, [rows, hidden], y.dtype);
@@ -215,16 +256,28 @@ fn launch_pack<R: CubeRuntime>(
     x: &CubeTensor<R>,
     slots: &CubeTensor<R>,
     out: &CubeTensor<R>,
-    meta: Option<&(CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, usize)>,
+    meta: Option<&(
+        CubeTensor<R>,
+        CubeTensor<R>,
+        CubeTensor<R>,
+        CubeTensor<R>,
+        usize,
+    )>,
 ) {
     let [tokens, hidden] = dims2(x);
     let world = dims2(slots)[1];
     let n = vector_size::<R>(&x.client, hidden, x.dtype);
     // Without metadata, placeholders of the right types that the kernel never touches.
     let (idx, weights, out_weights, out_local, top_k, experts_per_rank, record) = match meta {
-        Some((idx, w, ow, ol, per_rank)) => {
-            (idx.clone(), w.clone(), ow.clone(), ol.clone(), dims2(idx)[1], *per_rank, 1)
-        }
+        Some((idx, w, ow, ol, per_rank)) => (
+            idx.clone(),
+            w.clone(),
+            ow.clone(),
+            ol.clone(),
+            dims2(idx)[1],
+            *per_rank,
+            1,
+        ),
         None => (slots.clone(), x.clone(), x.clone(), slots.clone(), 0, 1, 0),
     };
     let dtypes = [x.dtype.into(), weights.dtype.into(), idx.dtype.into()];
@@ -288,7 +341,12 @@ fn launch_expand<R: CubeRuntime>(
 /// the inverse of `positions [R, K]`.
 fn origin_of<R: CubeRuntime>(positions: &CubeTensor<R>, padded_rows: usize) -> CubeTensor<R> {
     let [rows, top_k] = dims2(positions);
-    let origin = alloc::<R, _>(&positions.client, &positions.device, [padded_rows], positions.dtype);
+    let origin = alloc::<R, _>(
+        &positions.client,
+        &positions.device,
+        [padded_rows],
+        positions.dtype,
+    );
     slots::fill_kernel::launch::<R>(
         &positions.client,
         elementwise_count(padded_rows),
@@ -376,7 +434,13 @@ fn alloc<R: CubeRuntime, const D: usize>(
 ) -> CubeTensor<R> {
     let bytes = shape.iter().product::<usize>() * dtype.size();
     let handle = client.empty(bytes.max(4));
-    CubeTensor::new_contiguous(client.clone(), device.clone(), Shape::new(shape), handle, dtype)
+    CubeTensor::new_contiguous(
+        client.clone(),
+        device.clone(),
+        Shape::new(shape),
+        handle,
+        dtype,
+    )
 }
 
 /// A contiguous tensor seen with another shape of the same size.
@@ -389,7 +453,10 @@ fn dims2<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {
     [shape[0], if shape.num_dims() > 1 { shape[1] } else { 1 }]
 }
 
-fn read_u32<R: CubeRuntime>(client: &ComputeClient<R>, handle: cubecl::server::Handle) -> EpResult<Vec<u32>> {
+fn read_u32<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    handle: cubecl::server::Handle,
+) -> EpResult<Vec<u32>> {
     let bytes = client
         .read_one(handle)
         .map_err(|e| EpError::Transport(format!("reading layout counts failed: {e:?}")))?;
@@ -401,5 +468,7 @@ fn read_u32<R: CubeRuntime>(client: &ComputeClient<R>, handle: cubecl::server::H
 
 fn u32_bytes(values: &[u32]) -> &[u8] {
     // SAFETY: u32 has no padding and any byte pattern is a valid u8.
-    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
 }

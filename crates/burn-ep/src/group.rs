@@ -280,7 +280,10 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let out = match (back, &routing.slots) {
             (Some(back), Some(slots)) => {
                 let back: Tensor<B, 2> = self.upload(back);
-                float::<B, 2>(B::ep_sum(back.into_primitive().tensor(), slots.clone().into_primitive()))
+                float::<B, 2>(B::ep_sum(
+                    back.into_primitive().tensor(),
+                    slots.clone().into_primitive(),
+                ))
             }
             _ => Tensor::zeros([routing.padded_tokens, hidden], (&self.device, dtype)),
         };

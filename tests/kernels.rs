@@ -1,0 +1,181 @@
+//! The CubeCL kernels (wgpu on lavapipe in CI, CUDA with the `cuda` feature) against
+//! the ep-core reference: alignments, hidden sizes that are and are not multiples of
+//! the vector width, half precision, determinism, replay, and DeepSeek-V3 sizes.
+
+mod common;
+
+use burn::tensor::{DType, Tensor, TensorData};
+use burn_ep::ExpertParallelBackend;
+use common::*;
+use ep_core::reference::{self, RankBatch};
+use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
+use ep_core::EpConfig;
+use rstest::rstest;
+
+fn fresh_payload(
+    config: &EpConfig,
+    batches: &[RankBatch],
+    tokens: usize,
+    pattern: RoutingPattern,
+    sentinels: SentinelPattern,
+) -> Vec<RankBatch> {
+    synthetic_batches(config, tokens, pattern, sentinels, 1234)
+        .into_iter()
+        .zip(batches)
+        .map(|(f, b)| RankBatch {
+            x: f.x,
+            ..b.clone()
+        })
+        .collect()
+}
+
+#[rstest]
+fn kernels_match_reference(
+    #[values(1, 8, 128)] alignment: usize,
+    // 64 and 12 are multiples of every vector width, 7 of none.
+    #[values(7, 12, 64)] hidden: usize,
+    #[values(
+        RoutingPattern::Uniform,
+        RoutingPattern::Skewed,
+        RoutingPattern::AllToOneRank,
+        RoutingPattern::EmptyExperts
+    )]
+    pattern: RoutingPattern,
+    #[values(
+        SentinelPattern::None,
+        SentinelPattern::RandomTenth,
+        SentinelPattern::WholeRows
+    )]
+    sentinels: SentinelPattern,
+) {
+    let config = EpConfig::new(2, 8, 4, hidden).with_expert_alignment(alignment);
+    let batches = synthetic_batches(&config, 45, pattern, sentinels, 21);
+    let fresh = fresh_payload(&config, &batches, 45, pattern, sentinels);
+    check_against_reference::<Cube>(Default::default(), config, batches, fresh);
+}
+
+/// Dispatch + combine, returning each rank's rows and output as raw bits.
+fn run_bits(config: &EpConfig, batches: &[RankBatch]) -> Vec<(Vec<u32>, Vec<u32>)> {
+    let device = Default::default();
+    run_group::<Cube, _, _>(config, &device, |group| {
+        let (x, idx, w) = inputs::<Cube>(&batches[group.rank()], config.top_k, &device);
+        let d = group.dispatch(x, idx, w)?;
+        let out = group.combine(d.rows.clone(), &d.routing)?;
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect();
+        Ok((bits(host(d.rows)), bits(host(out))))
+    })
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect()
+}
+
+#[test]
+fn two_runs_are_bitwise_equal() {
+    let config = EpConfig::new(4, 16, 6, 96).with_expert_alignment(8);
+    let batches = synthetic_batches(
+        &config,
+        300,
+        RoutingPattern::Skewed,
+        SentinelPattern::RandomTenth,
+        5,
+    );
+    assert_eq!(run_bits(&config, &batches), run_bits(&config, &batches));
+}
+
+#[test]
+fn replay_equals_a_fresh_dispatch_of_the_same_routing() {
+    let config = EpConfig::new(2, 8, 3, 40).with_expert_alignment(16);
+    let (pattern, sentinels) = (RoutingPattern::Uniform, SentinelPattern::RandomTenth);
+    let batches = synthetic_batches(&config, 70, pattern, sentinels, 8);
+    let fresh = fresh_payload(&config, &batches, 70, pattern, sentinels);
+    let device = Default::default();
+    let results = run_group::<Cube, _, _>(&config, &device, |group| {
+        let rank = group.rank();
+        let (x, idx, w) = inputs::<Cube>(&batches[rank], config.top_k, &device);
+        let recorded = group.dispatch(x, idx.clone(), w.clone())?;
+        let new_x = floats::<Cube>(
+            &fresh[rank].x,
+            [fresh[rank].tokens, config.hidden_size],
+            &device,
+        );
+        let replayed = group.dispatch_cached(new_x.clone(), &recorded.routing)?;
+        let again = group.dispatch(new_x, idx, w)?;
+        Ok((host(replayed), host(again.rows), host(recorded.rows)))
+    });
+    for result in results {
+        let (replayed, again, old) = result.unwrap();
+        assert_eq!(replayed, again);
+        assert_ne!(replayed, old, "replay must move the new payload");
+    }
+}
+
+fn half_precision<B: ExpertParallelBackend>(dtype: DType) {
+    let device: burn::tensor::Device<B> = Default::default();
+    if !B::supports_dtype(&device, dtype) {
+        eprintln!("{dtype:?} not supported by this adapter: skipped");
+        return;
+    }
+    let config = EpConfig::new(2, 8, 3, 24).with_expert_alignment(8);
+    let mut batches = synthetic_batches(
+        &config,
+        33,
+        RoutingPattern::Skewed,
+        SentinelPattern::RandomTenth,
+        17,
+    );
+    // Round the payload to the half type so the reference sees the same values.
+    let round = |v: f32| match dtype {
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => half::bf16::from_f32(v).to_f32(),
+    };
+    for b in &mut batches {
+        b.x.iter_mut().for_each(|v| *v = round(*v));
+    }
+    let expected = reference::dispatch(&config, &batches).unwrap();
+    let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();
+    let outputs: Vec<Vec<f32>> = expected.iter().map(|e| e.rows.clone()).collect();
+    let combined = reference::combine(&config, &batches, &routings, &outputs);
+    let results = run_group::<B, _, _>(&config, &device, |group| {
+        let b = &batches[group.rank()];
+        let x = Tensor::<B, 2>::from_data(
+            TensorData::new(b.x.clone(), [b.tokens, 24]),
+            (&device, dtype),
+        );
+        let (_, idx, w) = inputs::<B>(b, 3, &device);
+        let d = group.dispatch(x, idx, w)?;
+        assert_eq!(d.rows.dtype(), dtype);
+        let out = group.combine(d.rows.clone(), &d.routing)?;
+        Ok((host(d.rows), host(out)))
+    });
+    for (rank, result) in results.into_iter().enumerate() {
+        let (rows, out) = result.unwrap();
+        assert_eq!(
+            rows, expected[rank].rows,
+            "rank {rank}: half rows move exactly"
+        );
+        for (g, w) in out.iter().zip(&combined[rank]) {
+            assert!(
+                (g - w).abs() <= 2e-2 * w.abs().max(1.0),
+                "rank {rank}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[rstest]
+fn half_precision_payloads(#[values(DType::F16, DType::BF16)] dtype: DType) {
+    half_precision::<Cube>(dtype);
+}
+
+/// DeepSeek-V3 sizes: T=4096 tokens per rank, H=7168, top-8 of 256 experts, two
+/// ranks sharing the device. Too big for a CPU Vulkan driver: run on a GPU host with
+/// `--ignored`.
+#[test]
+#[ignore]
+fn deepseek_sizes() {
+    let config = EpConfig::new(2, 256, 8, 7168).with_expert_alignment(128);
+    let (pattern, sentinels) = (RoutingPattern::Uniform, SentinelPattern::RandomTenth);
+    let batches = synthetic_batches(&config, 4096, pattern, sentinels, 99);
+    let fresh = fresh_payload(&config, &batches, 4096, pattern, sentinels);
+    check_against_reference::<Cube>(Default::default(), config, batches, fresh);
+}
