@@ -93,6 +93,7 @@ pub fn column_scan_kernel<I: Int>(
     let unit = UNIT_POS as usize;
     let mut shared = SharedMemory::<u32>::new(block + 1);
     let mut carry = 0u32;
+    #[allow(clippy::manual_div_ceil)] // kernel code: div_ceil does not expand in CubeCL
     let chunks = (rows + block - 1) / block;
     for chunk in 0..chunks {
         let r = chunk * block + unit;

@@ -17,8 +17,42 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use ep_core::{validate, EpConfig, EpResult};
+
+use crate::exchange::SharedExchange;
+
+/// The device side of a routing handle: what moving a payload along the route
+/// needs, in forward and backward passes alike. Generic over the int primitive and
+/// device types so that an autodiff backend and its inner backend share it.
+#[derive(Debug, Clone)]
+pub struct RoutePlan<I, D> {
+    /// Tokens after sequence-parallel padding.
+    pub tokens: usize,
+    pub send_counts: Vec<usize>,
+    pub recv_counts: Vec<usize>,
+    /// Expert-major rows, alignment padding included.
+    pub padded_rows: usize,
+    pub device: D,
+    /// `[tokens, W]` send slots; `None` when there are no tokens.
+    pub slots: Option<I>,
+    /// `[received, K]` expert-major row of every received (row, slot); `None` when
+    /// nothing was received.
+    pub positions: Option<I>,
+}
+
+/// The route plan of backend `B`.
+pub type Plan<B> = RoutePlan<IntTensor<B>, <B as burn::tensor::backend::BackendTypes>::Device>;
+
+impl<I, D> RoutePlan<I, D> {
+    pub fn sent_rows(&self) -> usize {
+        self.send_counts.iter().sum()
+    }
+
+    pub fn received_rows(&self) -> usize {
+        self.recv_counts.iter().sum()
+    }
+}
 
 /// What the layout step returns.
 #[derive(Debug, Clone)]
@@ -30,6 +64,10 @@ pub struct LayoutOutput<B: Backend> {
     /// (token, expert) pairs this rank sends to each global expert.
     pub tokens_per_expert: Vec<usize>,
 }
+
+/// What pack returns: the send buffer `[S, H]` and, when recording, the sent rows'
+/// weights `[S, K]` and destination-local expert ids `[S, K]`.
+pub type Packed<B> = (FloatTensor<B>, Option<(FloatTensor<B>, IntTensor<B>)>);
 
 /// The routing metadata a recording pack moves beside the rows.
 #[derive(Debug, Clone)]
@@ -95,10 +133,7 @@ pub trait ExpertParallelBackend: Backend {
         slots: IntTensor<Self>,
         sent_rows: usize,
         meta: Option<PackMeta<Self>>,
-    ) -> (
-        FloatTensor<Self>,
-        Option<(FloatTensor<Self>, IntTensor<Self>)>,
-    ) {
+    ) -> Packed<Self> {
         let x = float::<Self, 2>(x);
         let device = x.device();
         let slots = int::<Self, 2>(slots);
@@ -300,6 +335,94 @@ pub trait ExpertParallelBackend: Backend {
             .into_primitive()
             .tensor()
     }
+
+    /// Route rows: `x [T, C]` packed and sent along the route; returns the received
+    /// rows `[R, C]` in source-rank order (`None` when nothing was received).
+    fn ep_route_rows(
+        x: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        let dtype = float::<Self, 2>(x.clone()).dtype();
+        let packed = match &plan.slots {
+            Some(slots) if plan.sent_rows() > 0 => {
+                let (rows, _) = Self::ep_pack(x, slots.clone(), plan.sent_rows(), None);
+                Some(float::<Self, 2>(rows).into_data())
+            }
+            _ => None,
+        };
+        let received = exchange.exchange_rows(packed, &plan.send_counts)?;
+        Ok(received.map(|data| upload::<Self>(data, &plan.device, dtype)))
+    }
+
+    /// Return rows: received-side rows `[R, C]` sent back to their sources, where each
+    /// token sums what came back in rank order; returns `[T, C]`. The adjoint of
+    /// `ep_route_rows`.
+    fn ep_return_rows(
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<FloatTensor<Self>> {
+        let outgoing = rows.map(|r| float::<Self, 2>(r).into_data());
+        let back = exchange.exchange_rows(outgoing, &plan.recv_counts)?;
+        Ok(match (back, &plan.slots) {
+            (Some(back), Some(slots)) => {
+                Self::ep_sum(upload::<Self>(back, &plan.device, dtype), slots.clone())
+            }
+            _ => Tensor::<Self, 2>::zeros([plan.tokens, cols], (&plan.device, dtype))
+                .into_primitive()
+                .tensor(),
+        })
+    }
+
+    /// Dispatch of a payload along a recorded route: `x [T, H]` to expert-major rows
+    /// `[P, H]` (route, then expand).
+    fn ep_dispatch_rows(
+        x: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<FloatTensor<Self>> {
+        let x_t = float::<Self, 2>(x.clone());
+        let (hidden, dtype) = (x_t.dims()[1], x_t.dtype());
+        let received = Self::ep_route_rows(x, plan, exchange)?;
+        Ok(match (received, &plan.positions) {
+            (Some(rows), Some(positions)) => {
+                Self::ep_expand(rows, positions.clone(), plan.padded_rows)
+            }
+            _ => zeros::<Self>([plan.padded_rows, hidden], &plan.device, dtype),
+        })
+    }
+
+    /// Dispatch of the top-k weights `[T, K]` along a recorded route: the weights of
+    /// every received row, `[R, K]` (`None` when nothing was received).
+    fn ep_dispatch_weights(
+        weights: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        Self::ep_route_rows(weights, plan, exchange)
+    }
+
+    /// Combine along a recorded route: expert outputs `y [P, H]` and received weights
+    /// `[R, K]` to `[T, H]` (reduce, then return).
+    fn ep_combine_rows(
+        y: FloatTensor<Self>,
+        weights: Option<FloatTensor<Self>>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<FloatTensor<Self>> {
+        let y_t = float::<Self, 2>(y.clone());
+        let (hidden, dtype) = (y_t.dims()[1], y_t.dtype());
+        let reduced = match (weights, &plan.positions) {
+            (Some(weights), Some(positions)) => {
+                Some(Self::ep_reduce(y, positions.clone(), weights))
+            }
+            _ => None,
+        };
+        Self::ep_return_rows(reduced, hidden, dtype, plan, exchange)
+    }
 }
 
 pub(crate) fn int<B: Backend, const D: usize>(t: IntTensor<B>) -> Tensor<B, D, Int> {
@@ -308,6 +431,26 @@ pub(crate) fn int<B: Backend, const D: usize>(t: IntTensor<B>) -> Tensor<B, D, I
 
 pub(crate) fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+pub(crate) fn upload<B: Backend>(
+    data: TensorData,
+    device: &B::Device,
+    dtype: DType,
+) -> FloatTensor<B> {
+    Tensor::<B, 2>::from_data(data, (device, dtype))
+        .into_primitive()
+        .tensor()
+}
+
+pub(crate) fn zeros<B: Backend>(
+    shape: [usize; 2],
+    device: &B::Device,
+    dtype: DType,
+) -> FloatTensor<B> {
+    Tensor::<B, 2>::zeros(shape, (device, dtype))
+        .into_primitive()
+        .tensor()
 }
 
 pub(crate) fn int_tensor<B: Backend, const D: usize>(

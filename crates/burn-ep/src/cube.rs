@@ -15,7 +15,7 @@ use cubecl::prelude::*;
 use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_kernels::{expand, layout, pack, reduce, slots, sum};
 
-use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta};
+use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed};
 
 /// Units per cube for kernels with one unit per element.
 const ELEMENT_BLOCK: u32 = 256;
@@ -90,10 +90,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         slots: IntTensor<Self>,
         sent_rows: usize,
         meta: Option<PackMeta<Self>>,
-    ) -> (
-        FloatTensor<Self>,
-        Option<(FloatTensor<Self>, IntTensor<Self>)>,
-    ) {
+    ) -> Packed<Self> {
         let (x, slots) = (into_contiguous(x), into_contiguous(slots));
         let [_, hidden] = dims2(&x);
         let out = alloc::<R, _>(&x.client, &x.device, [sent_rows, hidden], x.dtype);
@@ -103,10 +100,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             let out_weights =
                 alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], weights.dtype);
             let out_local = alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], idx.dtype);
-            (idx, weights, out_weights, out_local, m.experts_per_rank)
+            MetaBuffers {
+                idx,
+                weights,
+                out_weights,
+                out_local,
+                experts_per_rank: m.experts_per_rank,
+            }
         });
         launch_pack::<R>(&x, &slots, &out, meta.as_ref());
-        (out, meta.map(|(_, _, w, l, _)| (w, l)))
+        (out, meta.map(|m| (m.out_weights, m.out_local)))
     }
 
     fn ep_expert_positions(
@@ -249,33 +252,35 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
     }
 }
 
-/// Pack launch. `meta` is `(topk_idx, topk_weights, out_weights, out_local,
-/// experts_per_rank)` when recording; replays pass `None` and the kernel's
-/// launch-uniform `record` flag skips the metadata.
+/// The metadata a recording pack reads and writes.
+struct MetaBuffers<R: CubeRuntime> {
+    idx: CubeTensor<R>,
+    weights: CubeTensor<R>,
+    out_weights: CubeTensor<R>,
+    out_local: CubeTensor<R>,
+    experts_per_rank: usize,
+}
+
+/// Pack launch. `meta` is given when recording; replays pass `None` and the
+/// kernel's launch-uniform `record` flag skips the metadata.
 fn launch_pack<R: CubeRuntime>(
     x: &CubeTensor<R>,
     slots: &CubeTensor<R>,
     out: &CubeTensor<R>,
-    meta: Option<&(
-        CubeTensor<R>,
-        CubeTensor<R>,
-        CubeTensor<R>,
-        CubeTensor<R>,
-        usize,
-    )>,
+    meta: Option<&MetaBuffers<R>>,
 ) {
     let [tokens, hidden] = dims2(x);
     let world = dims2(slots)[1];
     let n = vector_size::<R>(&x.client, hidden, x.dtype);
     // Without metadata, placeholders of the right types that the kernel never touches.
     let (idx, weights, out_weights, out_local, top_k, experts_per_rank, record) = match meta {
-        Some((idx, w, ow, ol, per_rank)) => (
-            idx.clone(),
-            w.clone(),
-            ow.clone(),
-            ol.clone(),
-            dims2(idx)[1],
-            *per_rank,
+        Some(m) => (
+            m.idx.clone(),
+            m.weights.clone(),
+            m.out_weights.clone(),
+            m.out_local.clone(),
+            dims2(&m.idx)[1],
+            m.experts_per_rank,
             1,
         ),
         None => (slots.clone(), x.clone(), x.clone(), slots.clone(), 0, 1, 0),

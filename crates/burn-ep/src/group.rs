@@ -1,13 +1,15 @@
 //! `EpGroup`: dispatch, cached dispatch and combine for one rank of a group.
 
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use std::sync::Arc;
+
+use burn::tensor::{DType, Int, Tensor};
 use ep_core::padding::sp_padded_tokens;
 use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_mesh::LocalComm;
 
-use crate::backend::{float, int, ExpertParallelBackend, PackMeta};
+use crate::backend::{float, int, ExpertParallelBackend, PackMeta, RoutePlan};
+use crate::exchange::SharedExchange;
 use crate::routing::Routing;
-use crate::transfer::{concat_rows, split_rows};
 
 /// What a recording dispatch returns.
 #[derive(Debug, Clone)]
@@ -24,7 +26,8 @@ pub struct Dispatched<B: ExpertParallelBackend> {
 /// One rank's member of an expert-parallel group.
 pub struct EpGroup<B: ExpertParallelBackend> {
     config: EpConfig,
-    comm: LocalComm,
+    comm: Arc<LocalComm>,
+    exchange: SharedExchange,
     device: B::Device,
 }
 
@@ -48,8 +51,10 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         }
         let config = config.with_rank(comm.rank());
         config.validate()?;
+        let comm = Arc::new(comm);
         Ok(Self {
             config,
+            exchange: comm.clone(),
             comm,
             device,
         })
@@ -76,7 +81,8 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     ///
     /// `x` is `[T, H]`, `topk_idx` `[T, K]` global expert ids or `-1`, `topk_weights`
     /// `[T, K]`. Bad ids, shapes, devices or too many tokens are errors, found on
-    /// each rank before any data moves.
+    /// each rank before any data moves. On an autodiff backend the rows are
+    /// differentiable in `x` and the handle's weights in `topk_weights`.
     pub fn dispatch(
         &self,
         x: Tensor<B, 2>,
@@ -100,10 +106,14 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let topk_weights = pad_rows(topk_weights, padded_tokens, 0.0);
         let topk_idx = pad_int_rows(topk_idx, padded_tokens, -1);
 
+        // Layout and slots.
         let (slots, send_counts, tokens_per_expert) = if padded_tokens > 0 {
             let layout = B::ep_layout(topk_idx.clone().into_primitive(), c)?;
-            let slots: Tensor<B, 2, Int> = int(layout.slots);
-            (Some(slots), layout.send_counts, layout.tokens_per_expert)
+            (
+                Some(layout.slots),
+                layout.send_counts,
+                layout.tokens_per_expert,
+            )
         } else {
             (None, vec![0; c.world_size], vec![0; c.num_experts])
         };
@@ -129,84 +139,63 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         }
         let padded_rows = *expert_offsets.last().unwrap();
 
-        // Pack rows, weights and destination-local expert ids; move them.
+        // Destination-local expert ids of every sent row, then the receive-side slots.
         let sent: usize = send_counts.iter().sum();
-        let packed = slots.as_ref().filter(|_| sent > 0).map(|slots| {
+        let local_ids = slots.as_ref().filter(|_| sent > 0).map(|slots| {
             let meta = PackMeta {
                 topk_idx: topk_idx.into_primitive(),
-                topk_weights: topk_weights.into_primitive().tensor(),
+                topk_weights: topk_weights.clone().detach().into_primitive().tensor(),
                 experts_per_rank: local,
             };
-            let (rows, meta) = B::ep_pack(
-                x.into_primitive().tensor(),
-                slots.clone().into_primitive(),
-                sent,
-                Some(meta),
-            );
-            let (weights, local_ids) = meta.expect("a recording pack returns its metadata");
-            vec![
-                float::<B, 2>(rows).into_data(),
-                float::<B, 2>(weights).into_data(),
-                int::<B, 2>(local_ids).into_data(),
-            ]
+            let weights = topk_weights.clone().detach().into_primitive().tensor();
+            let (_, meta) = B::ep_pack(weights, slots.clone(), sent, Some(meta));
+            int::<B, 2>(meta.expect("a recording pack returns its metadata").1).into_data()
         });
-        let mut parts = self.exchange(packed, &send_counts, 3)?.into_iter();
-        let (recv_rows, recv_weights, recv_local) = (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        );
+        let recv_local = self.exchange.exchange_rows(local_ids, &send_counts)?;
+        let positions = recv_local.map(|ids| {
+            let ids: Tensor<B, 2, Int> = Tensor::from_data(ids, &self.device);
+            B::ep_expert_positions(ids.into_primitive(), &expert_offsets[..local])
+        });
 
-        // Expand to expert-major rows.
-        let (positions, recv_weights, rows, row_weights) =
-            match (recv_rows, recv_weights, recv_local) {
-                (Some(rows), Some(weights), Some(local_ids)) => {
-                    let local_ids: Tensor<B, 2, Int> = self.upload_int(local_ids);
-                    let positions = int::<B, 2>(B::ep_expert_positions(
-                        local_ids.into_primitive(),
-                        &expert_offsets[..local],
-                    ));
-                    let rows: Tensor<B, 2> = self.upload(rows);
-                    let weights: Tensor<B, 2> = self.upload(weights);
-                    let expanded = B::ep_expand(
-                        rows.into_primitive().tensor(),
-                        positions.clone().into_primitive(),
-                        padded_rows,
-                    );
-                    let row_weights = B::ep_expand_weights(
-                        weights.clone().into_primitive().tensor(),
-                        positions.clone().into_primitive(),
-                        padded_rows,
-                    );
-                    (
-                        Some(positions),
-                        Some(weights),
-                        float::<B, 2>(expanded),
-                        float::<B, 1>(row_weights),
-                    )
-                }
-                _ => (
-                    None,
-                    None,
-                    Tensor::zeros([0, c.hidden_size], (&self.device, dtype)),
-                    Tensor::zeros([0], (&self.device, dtype)),
-                ),
-            };
+        let plan = RoutePlan {
+            tokens: padded_tokens,
+            send_counts,
+            recv_counts,
+            padded_rows,
+            device: self.device.clone(),
+            slots,
+            positions,
+        };
+        // The payload and the weights move along the route, differentiably.
+        let rows = float::<B, 2>(B::ep_dispatch_rows(
+            x.into_primitive().tensor(),
+            &plan,
+            &self.exchange,
+        )?);
+        let recv_weights = B::ep_dispatch_weights(
+            topk_weights.into_primitive().tensor(),
+            &plan,
+            &self.exchange,
+        )?
+        .map(float::<B, 2>);
+        let row_weights = match (&recv_weights, &plan.positions) {
+            (Some(w), Some(positions)) => float::<B, 1>(B::ep_expand_weights(
+                w.clone().detach().into_primitive().tensor(),
+                positions.clone(),
+                padded_rows,
+            )),
+            _ => Tensor::zeros([padded_rows], (&self.device, dtype)),
+        };
 
         let routing = Routing {
             tokens,
-            padded_tokens,
             hidden: c.hidden_size,
             world_size: c.world_size,
             dtype,
-            device: self.device.clone(),
-            send_counts,
-            recv_counts,
             tokens_per_expert,
             expert_counts: expert_counts.clone(),
             expert_offsets,
-            slots,
-            positions,
+            plan,
             recv_weights,
             row_weights,
         };
@@ -222,35 +211,12 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     pub fn dispatch_cached(&self, x: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
         routing.check_payload("x", routing.tokens, x.dims(), x.dtype(), &x.device())?;
-        let x = pad_rows(x, routing.padded_tokens, 0.0);
-        let packed = routing
-            .slots
-            .as_ref()
-            .filter(|_| routing.sent_rows() > 0)
-            .map(|slots| {
-                let (rows, _) = B::ep_pack(
-                    x.into_primitive().tensor(),
-                    slots.clone().into_primitive(),
-                    routing.sent_rows(),
-                    None,
-                );
-                vec![float::<B, 2>(rows).into_data()]
-            });
-        let received = self
-            .exchange(packed, &routing.send_counts, 1)?
-            .pop()
-            .unwrap();
-        Ok(match (received, &routing.positions) {
-            (Some(rows), Some(positions)) => {
-                let rows: Tensor<B, 2> = self.upload(rows);
-                float(B::ep_expand(
-                    rows.into_primitive().tensor(),
-                    positions.clone().into_primitive(),
-                    routing.padded_rows(),
-                ))
-            }
-            _ => Tensor::zeros([0, routing.hidden], (&self.device, routing.dtype)),
-        })
+        let x = pad_rows(x, routing.plan.tokens, 0.0);
+        Ok(float(B::ep_dispatch_rows(
+            x.into_primitive().tensor(),
+            &routing.plan,
+            &self.exchange,
+        )?))
     }
 
     /// Sends the expert outputs `y` (`[padded rows, H]`, the expert-major layout of
@@ -260,74 +226,23 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     pub fn combine(&self, y: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
         routing.check_payload("y", routing.padded_rows(), y.dims(), y.dtype(), &y.device())?;
-        let (hidden, dtype) = (routing.hidden, y.dtype());
-        let partial = match (&routing.positions, &routing.recv_weights) {
-            (Some(positions), Some(weights)) => {
-                let reduced = B::ep_reduce(
-                    y.into_primitive().tensor(),
-                    positions.clone().into_primitive(),
-                    weights.clone().into_primitive().tensor(),
-                );
-                Some(vec![float::<B, 2>(reduced).into_data()])
-            }
-            _ => None,
-        };
-        // Back along the route: what was received from a rank returns to it.
-        let back = self
-            .exchange(partial, &routing.recv_counts, 1)?
-            .pop()
-            .unwrap();
-        let out = match (back, &routing.slots) {
-            (Some(back), Some(slots)) => {
-                let back: Tensor<B, 2> = self.upload(back);
-                float::<B, 2>(B::ep_sum(
-                    back.into_primitive().tensor(),
-                    slots.clone().into_primitive(),
-                ))
-            }
-            _ => Tensor::zeros([routing.padded_tokens, hidden], (&self.device, dtype)),
-        };
+        let hidden = routing.hidden;
+        let dtype = y.dtype();
+        let weights = routing
+            .recv_weights
+            .clone()
+            .map(|w| w.into_primitive().tensor());
+        let out = float::<B, 2>(B::ep_combine_rows(
+            y.into_primitive().tensor(),
+            weights,
+            &routing.plan,
+            &self.exchange,
+        )?);
         Ok(match routing.tokens {
-            t if t == routing.padded_tokens => out,
+            t if t == routing.plan.tokens => out,
             0 => Tensor::zeros([0, hidden], (&self.device, dtype)),
             t => out.narrow(0, 0, t),
         })
-    }
-
-    /// The all-to-all-v of row segments. `parts` are buffers with one row per sent
-    /// row (rows, weights, ids ...), split by `send_counts`; returns each part's
-    /// received rows, concatenated in source-rank order (`None` when nothing came).
-    fn exchange(
-        &self,
-        parts: Option<Vec<TensorData>>,
-        send_counts: &[usize],
-        num_parts: usize,
-    ) -> EpResult<Vec<Option<TensorData>>> {
-        let world = self.config.world_size;
-        let mut messages: Vec<Vec<Option<TensorData>>> = vec![Vec::new(); world];
-        match parts {
-            Some(parts) => {
-                for part in &parts {
-                    for (message, block) in messages.iter_mut().zip(split_rows(part, send_counts)) {
-                        message.push(block);
-                    }
-                }
-            }
-            None => messages.iter_mut().for_each(|m| m.resize(num_parts, None)),
-        }
-        let received = self.comm.all_to_all(messages)?;
-        Ok((0..num_parts)
-            .map(|p| concat_rows(received.iter().filter_map(|m| m[p].clone()).collect()))
-            .collect())
-    }
-
-    fn upload(&self, data: TensorData) -> Tensor<B, 2> {
-        let dtype = data.dtype;
-        Tensor::from_data(data, (&self.device, dtype))
-    }
-
-    fn upload_int(&self, data: TensorData) -> Tensor<B, 2, Int> {
-        Tensor::from_data(data, &self.device)
     }
 
     fn check_handle(&self, routing: &Routing<B>) -> EpResult<()> {
@@ -338,10 +253,10 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
                 got: self.config.world_size.to_string(),
             });
         }
-        if routing.device != self.device {
+        if routing.plan.device != self.device {
             return Err(EpError::ReplayMismatch {
                 what: "group device".into(),
-                handle: format!("{:?}", routing.device),
+                handle: format!("{:?}", routing.plan.device),
                 got: format!("{:?}", self.device),
             });
         }

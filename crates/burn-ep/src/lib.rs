@@ -9,14 +9,17 @@
 //! The steps run on any backend implementing [`ExpertParallelBackend`]: CubeCL
 //! backends (wgpu, CUDA) run the kernels of `ep-kernels`, others a tensor-op fallback.
 
+mod autodiff;
 mod backend;
 mod cube;
+mod exchange;
 mod group;
 mod routing;
 mod transfer;
 
-pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta};
+pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RoutePlan};
 pub use ep_core::{EpConfig, EpError, EpResult};
 pub use ep_mesh::{local_comms, run_local, LocalComm, Mesh, DEFAULT_TIMEOUT};
+pub use exchange::{RowExchange, SharedExchange};
 pub use group::{Dispatched, EpGroup};
 pub use routing::Routing;

@@ -1,33 +1,26 @@
 //! The routing handle: what a recording dispatch learned, kept so that cached
 //! dispatch, combine and the backward passes replay it instead of recomputing it.
 
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Tensor};
 use ep_core::{EpError, EpResult};
 
-use crate::backend::ExpertParallelBackend;
+use crate::backend::{ExpertParallelBackend, Plan};
 
 /// The layout of one dispatch, for one rank. One group serves many layers, each
-/// with its own handle. Device tensors are `None` where they would be empty.
+/// with its own handle.
 #[derive(Debug, Clone)]
 pub struct Routing<B: ExpertParallelBackend> {
     /// Tokens the caller passed (before sequence-parallel padding).
     pub(crate) tokens: usize,
-    /// Tokens after sequence-parallel padding: the rows that were routed.
-    pub(crate) padded_tokens: usize,
     pub(crate) hidden: usize,
     pub(crate) world_size: usize,
     pub(crate) dtype: DType,
-    pub(crate) device: B::Device,
-    pub(crate) send_counts: Vec<usize>,
-    pub(crate) recv_counts: Vec<usize>,
     pub(crate) tokens_per_expert: Vec<usize>,
     pub(crate) expert_counts: Vec<usize>,
     pub(crate) expert_offsets: Vec<usize>,
-    /// `[padded tokens, W]` send slots.
-    pub(crate) slots: Option<Tensor<B, 2, Int>>,
-    /// `[received, K]` expert-major row of every received (row, slot).
-    pub(crate) positions: Option<Tensor<B, 2, Int>>,
-    /// `[received, K]` the top-k weights as received.
+    /// What moving a payload along the route needs (counts, slots, positions).
+    pub(crate) plan: Plan<B>,
+    /// `[received, K]` the top-k weights as received (tracked on autodiff backends).
     pub(crate) recv_weights: Option<Tensor<B, 2>>,
     /// `[padded rows]` the weight of every expert-major row (zero on pad rows).
     pub(crate) row_weights: Tensor<B, 1>,
@@ -45,12 +38,12 @@ impl<B: ExpertParallelBackend> Routing<B> {
 
     /// Tokens sent to each rank (one copy per rank, however many of its experts).
     pub fn send_counts(&self) -> &[usize] {
-        &self.send_counts
+        &self.plan.send_counts
     }
 
     /// Rows received from each rank.
     pub fn recv_counts(&self) -> &[usize] {
-        &self.recv_counts
+        &self.plan.recv_counts
     }
 
     /// Rows per local expert, before alignment padding.
@@ -71,12 +64,12 @@ impl<B: ExpertParallelBackend> Routing<B> {
 
     /// Rows received in all (one per (source rank, token) that reached this rank).
     pub fn received_rows(&self) -> usize {
-        self.recv_counts.iter().sum()
+        self.plan.received_rows()
     }
 
     /// Rows sent in all.
     pub fn sent_rows(&self) -> usize {
-        self.send_counts.iter().sum()
+        self.plan.sent_rows()
     }
 
     /// (token, expert) pairs this rank sent to each global expert.
@@ -114,10 +107,10 @@ impl<B: ExpertParallelBackend> Routing<B> {
         if dtype != self.dtype {
             return mismatch("dtype", format!("{:?}", self.dtype), format!("{dtype:?}"));
         }
-        if device != &self.device {
+        if device != &self.plan.device {
             return mismatch(
                 "device",
-                format!("{:?}", self.device),
+                format!("{:?}", self.plan.device),
                 format!("{device:?}"),
             );
         }

@@ -12,7 +12,7 @@ use burn::tensor::TensorData;
 pub(crate) fn split_rows(data: &TensorData, counts: &[usize]) -> Vec<Option<TensorData>> {
     let rows = data.shape[0];
     let bytes = data.as_bytes();
-    let row_bytes = if rows == 0 { 0 } else { bytes.len() / rows };
+    let row_bytes = bytes.len().checked_div(rows).unwrap_or(0);
     let mut start = 0;
     counts
         .iter()

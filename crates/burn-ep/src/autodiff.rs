@@ -1,0 +1,389 @@
+//! `ExpertParallelBackend` for `Autodiff<B>`: dispatch, cached dispatch and combine
+//! are differentiable through two adjoint pairs, replaying the routing plan:
+//!
+//! - dispatch ↔ combine: the backward of a dispatch is an unweighted combine of the
+//!   gradient; the backward of a combine is a replayed dispatch of the gradient
+//!   (route), then the adjoint of the weighted reduce: an expand of the gradient
+//!   scaled by the weights for the expert outputs, and row-wise dot products of the
+//!   expanded gradient with the expert outputs for the weights.
+//! - the weights' own route ↔ return: the gradient of the received weights goes back
+//!   to the tokens' ranks and is summed there.
+//!
+//! The backward passes never redo layout or the count exchange: the plan (slots,
+//! positions, counts) lives in the backward state, with the exchange. They do move
+//! data between ranks, so every rank must run the same backward graph. A transport
+//! failure inside a backward pass panics (Burn's backward cannot return errors),
+//! naming the failure; forward calls return `EpError`.
+//!
+//! The plain steps (layout, pack, expand, ...) run on the inner backend, untracked.
+
+use std::fmt;
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Int, Tensor, TensorMetadata};
+use ep_core::{EpConfig, EpResult};
+
+use crate::backend::{float, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan};
+use crate::exchange::SharedExchange;
+
+impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for Autodiff<B, C> {
+    fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
+        let out = B::ep_layout(topk_idx, config)?;
+        Ok(LayoutOutput {
+            slots: out.slots,
+            send_counts: out.send_counts,
+            tokens_per_expert: out.tokens_per_expert,
+        })
+    }
+
+    fn ep_pack(
+        x: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        sent_rows: usize,
+        meta: Option<PackMeta<Self>>,
+    ) -> Packed<Self> {
+        let meta = meta.map(|m| PackMeta {
+            topk_idx: m.topk_idx,
+            topk_weights: Self::inner(m.topk_weights),
+            experts_per_rank: m.experts_per_rank,
+        });
+        let (rows, meta) = B::ep_pack(Self::inner(x), slots, sent_rows, meta);
+        (
+            Self::from_inner(rows),
+            meta.map(|(w, l)| (Self::from_inner(w), l)),
+        )
+    }
+
+    fn ep_expert_positions(
+        recv_local: IntTensor<Self>,
+        expert_offsets: &[usize],
+    ) -> IntTensor<Self> {
+        B::ep_expert_positions(recv_local, expert_offsets)
+    }
+
+    fn ep_expand(
+        rows: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::ep_expand(Self::inner(rows), positions, padded_rows))
+    }
+
+    fn ep_expand_weights(
+        weights: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::ep_expand_weights(
+            Self::inner(weights),
+            positions,
+            padded_rows,
+        ))
+    }
+
+    fn ep_reduce(
+        y: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::ep_reduce(
+            Self::inner(y),
+            positions,
+            Self::inner(weights),
+        ))
+    }
+
+    fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
+        Self::from_inner(B::ep_sum(Self::inner(back), slots))
+    }
+
+    fn ep_route_rows(
+        x: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        Ok(B::ep_route_rows(Self::inner(x), plan, exchange)?.map(Self::from_inner))
+    }
+
+    fn ep_return_rows(
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<FloatTensor<Self>> {
+        Ok(Self::from_inner(B::ep_return_rows(
+            rows.map(Self::inner),
+            cols,
+            dtype,
+            plan,
+            exchange,
+        )?))
+    }
+
+    fn ep_dispatch_rows(
+        x: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<FloatTensor<Self>> {
+        let out = B::ep_dispatch_rows(x.primitive.clone(), plan, exchange)?;
+        let state = RouteState {
+            plan: plan.clone(),
+            exchange: exchange.clone(),
+            cols: x.shape()[1],
+            dtype: x.dtype(),
+        };
+        Ok(
+            match DispatchRowsBackward
+                .prepare::<C>([x.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        )
+    }
+
+    fn ep_dispatch_weights(
+        weights: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        let [_, k] = [weights.shape()[0], weights.shape()[1]];
+        let dtype = weights.dtype();
+        // Every rank records the op, even one that receives nothing, so that every
+        // rank's backward takes part in the return exchange.
+        let out = B::ep_route_rows(weights.primitive.clone(), plan, exchange)?
+            .unwrap_or_else(|| zeros::<B>([0, k], &plan.device, dtype));
+        let state = RouteState {
+            plan: plan.clone(),
+            exchange: exchange.clone(),
+            cols: k,
+            dtype,
+        };
+        Ok(Some(
+            match DispatchWeightsBackward
+                .prepare::<C>([weights.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        ))
+    }
+
+    fn ep_combine_rows(
+        y: FloatTensor<Self>,
+        weights: Option<FloatTensor<Self>>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<FloatTensor<Self>> {
+        let weights = weights
+            .unwrap_or_else(|| Self::from_inner(zeros::<B>([0, 1], &plan.device, y.dtype())));
+        let received = weights.shape()[0] > 0;
+        let out = B::ep_combine_rows(
+            y.primitive.clone(),
+            received.then(|| weights.primitive.clone()),
+            plan,
+            exchange,
+        )?;
+        let (y_tracked, w_tracked) = (y.is_tracked(), weights.is_tracked());
+        let state = CombineState {
+            route: RouteState {
+                plan: plan.clone(),
+                exchange: exchange.clone(),
+                cols: y.shape()[1],
+                dtype: y.dtype(),
+            },
+            y: w_tracked.then(|| y.primitive.clone()),
+            weights: weights.primitive.clone(),
+            y_tracked,
+        };
+        Ok(
+            match CombineBackward
+                .prepare::<C>([y.node.clone(), weights.node.clone()])
+                .compute_bound()
+                .stateful()
+            {
+                OpsKind::Tracked(prep) => prep.finish(state, out),
+                OpsKind::UnTracked(prep) => prep.finish(out),
+            },
+        )
+    }
+}
+
+/// What a backward pass needs to move a gradient along (or back along) a route.
+#[derive(Clone)]
+struct RouteState<B: ExpertParallelBackend> {
+    plan: Plan<B>,
+    exchange: SharedExchange,
+    /// Columns of the forward input (hidden size, or top-k for weights).
+    cols: usize,
+    dtype: DType,
+}
+
+impl<B: ExpertParallelBackend> fmt::Debug for RouteState<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RouteState")
+            .field("send_counts", &self.plan.send_counts)
+            .field("recv_counts", &self.plan.recv_counts)
+            .field("cols", &self.cols)
+            .finish()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct CombineState<B: ExpertParallelBackend> {
+    route: RouteState<B>,
+    /// The expert outputs, kept when the weights need a gradient.
+    y: Option<FloatTensor<B>>,
+    /// The received weights `[R, K]` (possibly `[0, K]`).
+    weights: FloatTensor<B>,
+    y_tracked: bool,
+}
+
+fn backward_failed(what: &str, error: ep_core::EpError) -> ! {
+    panic!("burn-ep: the backward pass of {what} could not move its gradient: {error}")
+}
+
+/// dispatch (x → expert-major rows): the gradient is an unweighted combine.
+#[derive(Debug)]
+struct DispatchRowsBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchRowsBackward {
+    type State = RouteState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let unit = s.plan.positions.as_ref().map(|positions| {
+            let positions = Tensor::<B, 2, Int>::from_primitive(positions.clone());
+            Tensor::<B, 2>::ones(positions.dims(), (&s.plan.device, s.dtype))
+                .into_primitive()
+                .tensor()
+        });
+        let grad_x = B::ep_combine_rows(grad, unit, &s.plan, &s.exchange)
+            .unwrap_or_else(|e| backward_failed("dispatch", e));
+        if let Some(parent) = parent {
+            grads.register::<B>(parent.id, grad_x);
+        }
+    }
+}
+
+/// The weights' route (topk_weights → received weights): the gradient returns.
+#[derive(Debug)]
+struct DispatchWeightsBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchWeightsBackward {
+    type State = RouteState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let s = ops.state;
+        let received = s.plan.received_rows() > 0;
+        let grad_w = B::ep_return_rows(
+            received.then_some(grad),
+            s.cols,
+            s.dtype,
+            &s.plan,
+            &s.exchange,
+        )
+        .unwrap_or_else(|e| backward_failed("the weights' dispatch", e));
+        if let Some(parent) = parent {
+            grads.register::<B>(parent.id, grad_w);
+        }
+    }
+}
+
+/// combine (expert outputs, received weights → tokens): the gradient is routed
+/// like a dispatch, then the weighted reduce's adjoint runs locally.
+#[derive(Debug)]
+struct CombineBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 2> for CombineBackward {
+    type State = CombineState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [y_parent, w_parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let CombineState {
+            route: s,
+            y,
+            weights,
+            y_tracked,
+        } = ops.state;
+        let received = B::ep_route_rows(grad, &s.plan, &s.exchange)
+            .unwrap_or_else(|e| backward_failed("combine", e));
+        let weights_t = float::<B, 2>(weights.clone());
+        let [rows, k] = weights_t.dims();
+        let p = s.plan.padded_rows;
+        let (grad_y, grad_w) = match (received, &s.plan.positions) {
+            (Some(received), Some(positions)) => {
+                // Each expert-major row gets its received row's gradient.
+                let expanded = float::<B, 2>(B::ep_expand(received, positions.clone(), p));
+                let grad_y = y_tracked.then(|| {
+                    let row_w =
+                        float::<B, 1>(B::ep_expand_weights(weights.clone(), positions.clone(), p));
+                    (expanded.clone() * row_w.cast(s.dtype).reshape([p, 1]))
+                        .into_primitive()
+                        .tensor()
+                });
+                let grad_w = y.map(|y| {
+                    let dots = (expanded * float::<B, 2>(y)).sum_dim(1).reshape([p]);
+                    gather_by_positions::<B>(dots, positions.clone(), weights_t.dtype())
+                });
+                (grad_y, grad_w)
+            }
+            _ => (None, None),
+        };
+        if let Some(parent) = y_parent {
+            let grad_y = grad_y.unwrap_or_else(|| zeros::<B>([p, s.cols], &s.plan.device, s.dtype));
+            grads.register::<B>(parent.id, grad_y);
+        }
+        if let Some(parent) = w_parent {
+            let grad_w =
+                grad_w.unwrap_or_else(|| zeros::<B>([rows, k], &s.plan.device, weights_t.dtype()));
+            grads.register::<B>(parent.id, grad_w);
+        }
+    }
+}
+
+/// `out[i, k] = values[positions[i, k]]`, or zero where the position is `-1`.
+fn gather_by_positions<B: ExpertParallelBackend>(
+    values: Tensor<B, 1>,
+    positions: IntTensor<B>,
+    dtype: DType,
+) -> FloatTensor<B> {
+    let positions = Tensor::<B, 2, Int>::from_primitive(positions);
+    let [rows, k] = positions.dims();
+    let p = values.dims()[0];
+    let device = values.device();
+    let missing = positions.clone().lower_elem(0);
+    let index = positions.mask_fill(missing, p as i64).reshape([rows * k]);
+    let zero = Tensor::zeros([1], (&device, values.dtype()));
+    let extended = Tensor::cat(vec![values, zero], 0);
+    extended
+        .select(0, index)
+        .reshape([rows, k])
+        .cast(dtype)
+        .into_primitive()
+        .tensor()
+}
+
+fn zeros<B: ExpertParallelBackend>(
+    shape: [usize; 2],
+    device: &B::Device,
+    dtype: DType,
+) -> FloatTensor<B> {
+    crate::backend::zeros::<B>(shape, device, dtype)
+}
