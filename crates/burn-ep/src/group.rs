@@ -76,6 +76,12 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         &self.device
     }
 
+    /// Returns once every rank of the group has called it (or with the error that
+    /// a failed or silent peer gives).
+    pub fn barrier(&self) -> EpResult<()> {
+        self.comm.all_to_all(vec![(); self.config.world_size]).map(|_| ())
+    }
+
     /// Sends every token to the ranks that hold its experts and returns the rows
     /// grouped by local expert, with the routing handle.
     ///
