@@ -262,78 +262,46 @@ pub trait ExpertParallelBackend: Backend {
         weights: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
         let y = float::<Self, 2>(y);
-        let [padded_rows, hidden] = y.dims();
-        let (device, dtype) = (y.device(), y.dtype());
+        let [padded_rows, _] = y.dims();
+        let dtype = y.dtype();
         let row_weights = float::<Self, 1>(Self::ep_expand_weights(
             weights,
             positions.clone(),
             padded_rows,
         ));
         let weighted = y * row_weights.cast(dtype).reshape([padded_rows, 1]);
-        let weighted = Tensor::cat(
-            vec![weighted, Tensor::zeros([1, hidden], (&device, dtype))],
-            0,
-        );
         let positions = int::<Self, 2>(positions);
         let [received, k] = positions.dims();
-        let positions = host_ints(positions);
-        let mut contributions: Vec<Vec<i64>> = positions
+        let mut contributions: Vec<Vec<i64>> = host_ints(positions)
             .chunks(k)
             .map(|row| row.iter().copied().filter(|&p| p >= 0).collect())
             .collect();
         contributions.iter_mut().for_each(|c| c.sort_unstable());
+        // The q-th term of every row: its q-th contribution, or nothing.
         let most = contributions.iter().map(Vec::len).max().unwrap_or(0);
-        let mut acc: Option<Tensor<Self, 2>> = None;
-        for q in 0..most {
-            let index: Vec<i64> = contributions
-                .iter()
-                .map(|c| c.get(q).copied().unwrap_or(padded_rows as i64))
-                .collect();
-            let term = weighted
-                .clone()
-                .select(0, int_tensor::<Self, 1>(index, [received], &device));
-            acc = Some(match acc {
-                Some(acc) => acc + term,
-                None => term,
-            });
-        }
-        acc.unwrap_or_else(|| Tensor::zeros([received, hidden], (&device, dtype)))
-            .into_primitive()
-            .tensor()
+        let terms = (0..most)
+            .map(|q| {
+                contributions
+                    .iter()
+                    .map(|c| c.get(q).copied().unwrap_or(-1))
+                    .collect()
+            })
+            .collect();
+        sum_of_gathers(weighted, terms, received)
     }
 
     /// Sum: the source side of combine. `back [S, H]` holds what each rank sent back,
     /// in the send buffer's layout; every token sums its rows in rank order.
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
         let back = float::<Self, 2>(back);
-        let [sent, hidden] = back.dims();
-        let (device, dtype) = (back.device(), back.dtype());
         let slots = int::<Self, 2>(slots);
         let [tokens, world] = slots.dims();
         let slots = host_ints(slots);
-        let back = Tensor::cat(vec![back, Tensor::zeros([1, hidden], (&device, dtype))], 0);
-        let mut acc: Option<Tensor<Self, 2>> = None;
-        for d in 0..world {
-            let index: Vec<i64> = (0..tokens)
-                .map(|t| match slots[t * world + d] {
-                    -1 => sent as i64,
-                    s => s,
-                })
-                .collect();
-            if index.iter().all(|&i| i == sent as i64) {
-                continue;
-            }
-            let term = back
-                .clone()
-                .select(0, int_tensor::<Self, 1>(index, [tokens], &device));
-            acc = Some(match acc {
-                Some(acc) => acc + term,
-                None => term,
-            });
-        }
-        acc.unwrap_or_else(|| Tensor::zeros([tokens, hidden], (&device, dtype)))
-            .into_primitive()
-            .tensor()
+        // One term per rank, in rank order: the token's row from that rank, or nothing.
+        let terms = (0..world)
+            .map(|d| (0..tokens).map(|t| slots[t * world + d]).collect())
+            .collect();
+        sum_of_gathers(back, terms, tokens)
     }
 
     /// Route rows: `x [T, C]` packed and sent along the route; returns the received
@@ -423,6 +391,38 @@ pub trait ExpertParallelBackend: Backend {
         };
         Self::ep_return_rows(reduced, hidden, dtype, plan, exchange)
     }
+}
+
+/// `sum over terms of rows[index]`, row by row, in term order; an index of `-1`
+/// adds nothing. `terms` each hold one index per output row.
+fn sum_of_gathers<B: Backend>(
+    rows: Tensor<B, 2>,
+    terms: Vec<Vec<i64>>,
+    out_rows: usize,
+) -> FloatTensor<B> {
+    let [n, hidden] = rows.dims();
+    let (device, dtype) = (rows.device(), rows.dtype());
+    let rows = Tensor::cat(vec![rows, Tensor::zeros([1, hidden], (&device, dtype))], 0);
+    let mut acc: Option<Tensor<B, 2>> = None;
+    for index in terms {
+        if index.iter().all(|&i| i < 0) {
+            continue;
+        }
+        let index = index
+            .into_iter()
+            .map(|i| if i < 0 { n as i64 } else { i })
+            .collect();
+        let term = rows
+            .clone()
+            .select(0, int_tensor::<B, 1>(index, [out_rows], &device));
+        acc = Some(match acc {
+            Some(acc) => acc + term,
+            None => term,
+        });
+    }
+    acc.unwrap_or_else(|| Tensor::zeros([out_rows, hidden], (&device, dtype)))
+        .into_primitive()
+        .tensor()
 }
 
 pub(crate) fn int<B: Backend, const D: usize>(t: IntTensor<B>) -> Tensor<B, D, Int> {

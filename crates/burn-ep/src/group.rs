@@ -76,10 +76,25 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         &self.device
     }
 
+    /// Sums `values` over the ranks of the group, in rank order (so every rank gets
+    /// bitwise the same result): the all-reduce of dense gradients and loads.
+    pub fn all_reduce_sum(&self, values: Vec<f32>) -> EpResult<Vec<f32>> {
+        let received = self.comm.all_to_all(vec![values; self.config.world_size])?;
+        let mut sum = vec![0.0f32; received[0].len()];
+        for part in &received {
+            for (s, v) in sum.iter_mut().zip(part) {
+                *s += v;
+            }
+        }
+        Ok(sum)
+    }
+
     /// Returns once every rank of the group has called it (or with the error that
     /// a failed or silent peer gives).
     pub fn barrier(&self) -> EpResult<()> {
-        self.comm.all_to_all(vec![(); self.config.world_size]).map(|_| ())
+        self.comm
+            .all_to_all(vec![(); self.config.world_size])
+            .map(|_| ())
     }
 
     /// Sends every token to the ranks that hold its experts and returns the rows

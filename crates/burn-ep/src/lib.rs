@@ -14,6 +14,7 @@ mod backend;
 mod cube;
 mod exchange;
 mod group;
+pub mod moe;
 mod routing;
 mod transfer;
 

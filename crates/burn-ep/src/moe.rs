@@ -1,0 +1,270 @@
+//! The MoE layer: a [`Router`] choosing top-k experts per token, [`GroupedExperts`]
+//! (SwiGLU, each rank holding only its own experts) on the expert-major rows, and
+//! [`MoeLayer`] joining them through an [`EpGroup`].
+//!
+//! Parameters are initialised from a seeded host stream keyed by global expert id,
+//! so a model split over W ranks starts exactly as the same model on one rank.
+
+use burn::config::Config;
+use burn::module::{Module, Param, ParamId};
+use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use ep_core::synthetic::SplitMix64;
+use ep_core::EpResult;
+
+use crate::{EpGroup, ExpertParallelBackend};
+
+/// The layer's shape and routing choices.
+#[derive(Config, Debug)]
+pub struct MoeConfig {
+    pub hidden: usize,
+    /// Inner width of every SwiGLU expert.
+    pub ffn_hidden: usize,
+    pub num_experts: usize,
+    pub top_k: usize,
+    /// Sigmoid scores (DeepSeek-V3) instead of a softmax over the experts.
+    #[config(default = false)]
+    pub sigmoid_scores: bool,
+    /// Rescale each token's top-k weights to sum to one.
+    #[config(default = true)]
+    pub renormalize: bool,
+    /// Multiplies the top-k weights.
+    #[config(default = 1.0)]
+    pub score_scale: f64,
+    /// Step of the auxiliary-loss-free balancing bias (0 turns it off).
+    #[config(default = 0.001)]
+    pub bias_update_rate: f64,
+    /// Weight of the switch-style auxiliary load-balancing loss (0 turns it off).
+    #[config(default = 0.0)]
+    pub aux_loss_weight: f64,
+}
+
+/// Chooses experts: scores from a linear gate, top-k on the scores plus a
+/// per-expert balancing bias (used for the choice only, as in DeepSeek-V3), weights
+/// from the unbiased scores.
+#[derive(Module, Debug)]
+pub struct Router<B: Backend> {
+    /// `[H, E]`
+    pub gate: Param<Tensor<B, 2>>,
+    /// `[E]`, not trained by gradients: moved by [`MoeLayer::update_bias`].
+    pub bias: Param<Tensor<B, 1>>,
+    pub top_k: usize,
+    pub sigmoid_scores: bool,
+    pub renormalize: bool,
+    pub score_scale: f64,
+    pub aux_loss_weight: f64,
+}
+
+/// What the router chose for a batch of tokens.
+#[derive(Debug, Clone)]
+pub struct RouterOutput<B: Backend> {
+    pub topk_idx: Tensor<B, 2, burn::tensor::Int>,
+    pub topk_weights: Tensor<B, 2>,
+    /// The auxiliary loss, when its weight is not zero.
+    pub aux_loss: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Router<B> {
+    pub fn forward(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
+        let [tokens, _] = x.dims();
+        let logits = x.matmul(self.gate.val());
+        let num_experts = logits.dims()[1];
+        let scores = if self.sigmoid_scores {
+            sigmoid(logits)
+        } else {
+            softmax(logits, 1)
+        };
+        let biased = scores.clone().detach() + self.bias.val().detach().unsqueeze_dim(0);
+        let (_, topk_idx) = biased.topk_with_indices(self.top_k, 1);
+        let mut topk_weights = scores.clone().gather(1, topk_idx.clone());
+        if self.renormalize {
+            topk_weights = topk_weights.clone() / (topk_weights.sum_dim(1) + 1e-20);
+        }
+        topk_weights = topk_weights * self.score_scale;
+        let aux_loss = (self.aux_loss_weight > 0.0 && tokens > 0).then(|| {
+            // Switch-style: E * sum_e (fraction of pairs routed to e) * (mean score of e).
+            let chosen = Tensor::<B, 2>::zeros([tokens, num_experts], &scores.device()).scatter(
+                1,
+                topk_idx.clone(),
+                Tensor::ones([tokens, self.top_k], &scores.device()),
+                burn::tensor::IndexingUpdateOp::Add,
+            );
+            let fraction = chosen.mean_dim(0).detach() / self.top_k as f64;
+            let mean_score = scores.mean_dim(0);
+            (fraction * mean_score).sum() * (num_experts as f64 * self.aux_loss_weight)
+        });
+        RouterOutput {
+            topk_idx,
+            topk_weights,
+            aux_loss,
+        }
+    }
+}
+
+/// This rank's experts, SwiGLU: `down(silu(x @ gate) * (x @ up))`.
+#[derive(Module, Debug)]
+pub struct GroupedExperts<B: Backend> {
+    /// `[local experts, H, F]`
+    pub w_gate: Param<Tensor<B, 3>>,
+    /// `[local experts, H, F]`
+    pub w_up: Param<Tensor<B, 3>>,
+    /// `[local experts, F, H]`
+    pub w_down: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> GroupedExperts<B> {
+    /// Runs each local expert on its group of the expert-major rows (`offsets` as
+    /// in [`crate::Routing::expert_offsets`]); pad rows stay zero. Zero rows come
+    /// back as they are, still in the autodiff graph.
+    pub fn forward(&self, rows: Tensor<B, 2>, offsets: &[usize]) -> Tensor<B, 2> {
+        if rows.dims()[0] == 0 {
+            return rows;
+        }
+        let [local, hidden, ffn] = self.w_gate.val().dims();
+        let matrix = |w: &Param<Tensor<B, 3>>, j: usize, shape: [usize; 2]| {
+            w.val().narrow(0, j, 1).reshape(shape)
+        };
+        let parts = (0..local)
+            .filter(|&j| offsets[j + 1] > offsets[j])
+            .map(|j| {
+                let r = rows
+                    .clone()
+                    .narrow(0, offsets[j], offsets[j + 1] - offsets[j]);
+                let gate = silu(r.clone().matmul(matrix(&self.w_gate, j, [hidden, ffn])));
+                let up = r.matmul(matrix(&self.w_up, j, [hidden, ffn]));
+                (gate * up).matmul(matrix(&self.w_down, j, [ffn, hidden]))
+            })
+            .collect();
+        Tensor::cat(parts, 0)
+    }
+}
+
+/// A Mixture-of-Experts layer over an expert-parallel group.
+#[derive(Module, Debug)]
+pub struct MoeLayer<B: Backend> {
+    pub router: Router<B>,
+    pub experts: GroupedExperts<B>,
+    pub bias_update_rate: f64,
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct MoeOutput<B: Backend> {
+    /// `[T, H]`
+    pub out: Tensor<B, 2>,
+    pub aux_loss: Option<Tensor<B, 1>>,
+    /// (token, expert) pairs this rank sent to each global expert.
+    pub tokens_per_expert: Vec<usize>,
+}
+
+/// Host values uniform in `[-scale, scale)` from a stream keyed by `key`.
+fn init_values(seed: u64, key: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed ^ key.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    (0..n)
+        .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+impl MoeConfig {
+    /// The layer as rank `rank` of `world` holds it: the whole router, and experts
+    /// `rank * E/W .. (rank + 1) * E/W`. `seed` fixes every value.
+    pub fn init<B: Backend>(
+        &self,
+        rank: usize,
+        world: usize,
+        seed: u64,
+        device: &B::Device,
+    ) -> MoeLayer<B> {
+        let (h, f, e) = (self.hidden, self.ffn_hidden, self.num_experts);
+        let local = e / world;
+        let param2 = |v: Vec<f32>, shape: [usize; 2]| {
+            Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), device))
+        };
+        let experts: Vec<usize> = (rank * local..(rank + 1) * local).collect();
+        let stacked = |which: u64, rows: usize, cols: usize| {
+            let values: Vec<f32> = experts
+                .iter()
+                .flat_map(|&g| {
+                    init_values(
+                        seed,
+                        1000 * g as u64 + which,
+                        rows * cols,
+                        1.0 / (rows as f32).sqrt(),
+                    )
+                })
+                .collect();
+            Param::from_tensor(Tensor::from_data(
+                TensorData::new(values, [local, rows, cols]),
+                device,
+            ))
+        };
+        MoeLayer {
+            router: Router {
+                gate: param2(
+                    init_values(seed, u64::MAX, h * e, 1.0 / (h as f32).sqrt()),
+                    [h, e],
+                ),
+                bias: Param::from_tensor(Tensor::zeros([e], device)).set_require_grad(false),
+                top_k: self.top_k,
+                sigmoid_scores: self.sigmoid_scores,
+                renormalize: self.renormalize,
+                score_scale: self.score_scale,
+                aux_loss_weight: self.aux_loss_weight,
+            },
+            experts: GroupedExperts {
+                w_gate: stacked(1, h, f),
+                w_up: stacked(2, h, f),
+                w_down: stacked(3, f, h),
+            },
+            bias_update_rate: self.bias_update_rate,
+        }
+    }
+}
+
+impl<B: ExpertParallelBackend> MoeLayer<B> {
+    /// Routes, dispatches, runs this rank's experts and combines. `x` is `[T, H]`;
+    /// the group's `sp_size` pads the token dimension as DESIGN.md states.
+    pub fn forward(&self, x: Tensor<B, 2>, group: &EpGroup<B>) -> EpResult<MoeOutput<B>> {
+        let routed = self.router.forward(x.clone());
+        let d = group.dispatch(x, routed.topk_idx, routed.topk_weights)?;
+        let y = self.experts.forward(d.rows, d.routing.expert_offsets());
+        let out = group.combine(y, &d.routing)?;
+        Ok(MoeOutput {
+            out,
+            aux_loss: routed.aux_loss,
+            tokens_per_expert: d.routing.tokens_per_expert().to_vec(),
+        })
+    }
+}
+
+impl<B: Backend> MoeLayer<B> {
+    /// Auxiliary-loss-free balancing: each expert's bias moves by the update rate
+    /// toward the mean load (up if under-loaded, down if over-loaded). `loads` are
+    /// the pairs each expert got over the whole group.
+    pub fn update_bias(mut self, loads: &[usize]) -> Self {
+        if self.bias_update_rate == 0.0 || loads.is_empty() {
+            return self;
+        }
+        let mean = loads.iter().sum::<usize>() as f64 / loads.len() as f64;
+        let step: Vec<f32> = loads
+            .iter()
+            .map(|&l| (self.bias_update_rate * (mean - l as f64).signum()) as f32)
+            .collect();
+        let device = self.router.bias.val().device();
+        let n = step.len();
+        let step = Tensor::<B, 1>::from_data(TensorData::new(step, [n]), &device);
+        self.router.bias = self.router.bias.map(|b| (b + step).detach());
+        self
+    }
+
+    /// Ids of the parameters that live on this rank only (the experts): gradients
+    /// of all other parameters are summed across ranks.
+    pub fn expert_param_ids(&self) -> Vec<ParamId> {
+        vec![
+            self.experts.w_gate.id,
+            self.experts.w_up.id,
+            self.experts.w_down.id,
+        ]
+    }
+}

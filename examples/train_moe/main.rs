@@ -1,0 +1,147 @@
+//! The main job: trains a small MoE language model on a synthetic task with W
+//! simulated ranks (threads) in one process; experts are split over the ranks.
+//!
+//!     cargo run --release --example train_moe -- --ranks 4 --backend ndarray --steps 300
+
+mod model;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use burn::backend::Autodiff;
+use burn::tensor::backend::AutodiffBackend;
+use burn_ep::{run_local, EpConfig, EpGroup, ExpertParallelBackend};
+use model::{train, TrainConfig};
+
+const HELP: &str = "train_moe: train a small MoE model with expert parallelism
+
+USAGE: cargo run --release --example train_moe -- [OPTIONS]
+
+OPTIONS:
+  --ranks W        simulated ranks (threads sharing the device) [default: 4]
+  --backend B      ndarray | wgpu | cuda (cuda needs the `cuda` feature) [default: ndarray]
+  --steps N        optimizer steps [default: 300]
+  --sp S           sequence-parallel size (pads the tokens per rank) [default: 1]
+  --help           this text";
+
+fn run<B: AutodiffBackend + ExpertParallelBackend>(
+    config: &TrainConfig,
+    ranks: usize,
+    steps: usize,
+    device: B::Device,
+) {
+    let ep = EpConfig::new(ranks, config.num_experts, config.top_k, config.hidden)
+        .with_max_tokens_per_rank(config.global_tokens)
+        .with_sp_size(config.sp_size);
+    let start = Instant::now();
+    let results = run_local(ranks, Duration::from_secs(300), |comm| {
+        let group = EpGroup::<B>::new(ep.clone(), comm, device.clone())?;
+        let rank = group.rank();
+        train(config, &group, steps, |r| {
+            if rank == 0 {
+                let seen = (r.step + 1) * config.global_tokens;
+                let rate = seen as f64 / start.elapsed().as_secs_f64();
+                let done = (r.step + 1) * 30 / steps;
+                eprint!(
+                    "\r[{}{}] step {:>4}/{steps}  loss {:.4}  {:>8.0} tokens/s",
+                    "#".repeat(done),
+                    " ".repeat(30 - done),
+                    r.step + 1,
+                    r.loss,
+                    rate
+                );
+                let _ = std::io::stderr().flush();
+            }
+        })
+    });
+    eprintln!();
+    let history = match results.into_iter().next().unwrap() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("train_moe: rank 0 failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    let (first, last) = (&history[0], history.last().unwrap());
+    println!(
+        "trained {steps} steps on {ranks} ranks in {:.1}s: loss {:.4} -> {:.4} (chance: {:.4})",
+        start.elapsed().as_secs_f64(),
+        first.loss,
+        last.loss,
+        (config.vocab as f32).ln()
+    );
+    println!("expert loads at the last step (token-expert pairs per expert, whole group):");
+    let local = config.num_experts / ranks;
+    for (layer, loads) in last.loads.iter().enumerate() {
+        let per_rank: Vec<usize> = loads.chunks(local).map(|c| c.iter().sum()).collect();
+        println!("  layer {layer}: per expert {loads:?}, per rank {per_rank:?}");
+    }
+}
+
+fn main() {
+    let mut ranks = 4;
+    let mut backend = "ndarray".to_string();
+    let mut steps = 300;
+    let mut config = TrainConfig::default();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            println!("{HELP}");
+            return;
+        }
+        let value = args.next().unwrap_or_else(|| {
+            eprintln!("train_moe: {flag} needs a value (see --help)");
+            std::process::exit(2)
+        });
+        let number = || {
+            value.parse::<usize>().unwrap_or_else(|e| {
+                eprintln!("train_moe: {flag} {value}: {e}");
+                std::process::exit(2)
+            })
+        };
+        match flag.as_str() {
+            "--ranks" => ranks = number(),
+            "--steps" => steps = number().max(1),
+            "--sp" => config.sp_size = number(),
+            "--backend" => backend = value,
+            other => {
+                eprintln!("train_moe: unknown option {other} (see --help)");
+                std::process::exit(2)
+            }
+        }
+    }
+    if ranks == 0 || config.num_experts % ranks != 0 || config.global_tokens % ranks != 0 {
+        eprintln!(
+            "train_moe: --ranks must divide {} experts and {} tokens",
+            config.num_experts, config.global_tokens
+        );
+        std::process::exit(2);
+    }
+    println!(
+        "train_moe: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {backend}",
+        config.layers, config.num_experts, config.top_k, config.hidden, config.global_tokens
+    );
+    match backend.as_str() {
+        "ndarray" => {
+            run::<Autodiff<burn::backend::NdArray<f32>>>(&config, ranks, steps, Default::default())
+        }
+        #[cfg(feature = "wgpu")]
+        "wgpu" => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
+            &config,
+            ranks,
+            steps,
+            Default::default(),
+        ),
+        #[cfg(feature = "cuda")]
+        "cuda" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
+            &config,
+            ranks,
+            steps,
+            Default::default(),
+        ),
+        other => {
+            eprintln!("train_moe: backend {other} is not built in (see --help)");
+            std::process::exit(2)
+        }
+    }
+}
