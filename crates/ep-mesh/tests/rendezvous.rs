@@ -1,0 +1,145 @@
+//! The rendezvous protocol on loopback, with ranks as separate processes (this test
+//! binary re-run as a child that joins) and as threads.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use ep_core::EpError;
+use ep_mesh::rendezvous::{join, RendezvousConfig, RendezvousHost};
+
+const PAYLOAD: &[u8] = b"\x00\x01nccl-unique-id\xff";
+
+fn host(world: usize, timeout: Duration) -> (RendezvousHost, SocketAddr) {
+    let host = RendezvousHost::bind("127.0.0.1:0".parse().unwrap(), world, timeout).unwrap();
+    let addr = host.local_addr();
+    (host, addr)
+}
+
+/// Starts this test binary as a process that joins as `rank` of `world`.
+fn spawn_rank(addr: SocketAddr, rank: usize, world: usize) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_rank",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("MASTER_ADDR", addr.ip().to_string())
+        .env("MASTER_PORT", addr.port().to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("RANK", rank.to_string())
+        .spawn()
+        .unwrap()
+}
+
+/// The child side: joins from the environment, succeeds only with the payload.
+#[test]
+#[ignore]
+fn child_rank() {
+    let config = RendezvousConfig::from_env(Duration::from_secs(20)).expect("torchrun variables");
+    assert_eq!(join(&config).expect("rendezvous"), PAYLOAD);
+}
+
+#[test]
+fn every_process_gets_the_payload() {
+    let (host, addr) = host(4, Duration::from_secs(30));
+    let children: Vec<Child> = (1..4).map(|r| spawn_rank(addr, r, 4)).collect();
+    let served = std::thread::spawn(move || host.serve(PAYLOAD));
+    let own = RendezvousConfig {
+        addr,
+        world_size: 4,
+        rank: 0,
+        timeout: Duration::from_secs(30),
+    };
+    assert_eq!(join(&own).unwrap(), PAYLOAD);
+    served.join().unwrap().unwrap();
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+}
+
+#[test]
+fn a_process_that_never_arrives_times_out_by_name() {
+    let timeout = Duration::from_millis(1500);
+    let (host, addr) = host(3, timeout);
+    let mut child = spawn_rank(addr, 1, 3); // rank 2 never comes
+    let start = Instant::now();
+    let err = host.serve(PAYLOAD).unwrap_err();
+    assert_eq!(
+        err,
+        EpError::Timeout {
+            rank: 0,
+            waiting_for: vec![0, 2],
+            after: timeout
+        }
+    );
+    assert!(start.elapsed() < Duration::from_secs(15));
+    assert!(
+        !child.wait().unwrap().success(),
+        "the waiting rank fails too"
+    );
+    assert!(err.to_string().contains("[0, 2]"), "{err}");
+}
+
+#[test]
+fn a_wrong_world_size_is_refused_by_name() {
+    let (host, addr) = host(3, Duration::from_secs(10));
+    let served = std::thread::spawn(move || host.serve(PAYLOAD));
+    let wrong = RendezvousConfig {
+        addr,
+        world_size: 4,
+        rank: 1,
+        timeout: Duration::from_secs(10),
+    };
+    let err = join(&wrong).unwrap_err();
+    assert!(
+        matches!(&err, EpError::PeerFailed { reason, .. } if reason.contains("world size 4")),
+        "{err:?}"
+    );
+    let host_err = served.join().unwrap().unwrap_err();
+    assert!(
+        matches!(&host_err, EpError::InvalidConfig(m) if m.contains("rank 1 joined with world size 4")),
+        "{host_err:?}"
+    );
+}
+
+#[test]
+fn joining_without_a_host_times_out() {
+    // Bind then drop to find a port with no listener.
+    let addr = host(1, Duration::from_secs(1)).1;
+    let config = RendezvousConfig {
+        addr,
+        world_size: 2,
+        rank: 1,
+        timeout: Duration::from_millis(400),
+    };
+    let start = Instant::now();
+    assert!(matches!(
+        join(&config),
+        Err(EpError::Timeout { rank: 1, .. })
+    ));
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn the_environment_is_read_in_the_torchrun_convention() {
+    // Only this test touches these variables in this process.
+    for (k, v) in [
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", "29500"),
+        ("WORLD_SIZE", "2"),
+        ("RANK", "5"),
+    ] {
+        unsafe { std::env::set_var(k, v) };
+    }
+    let err = RendezvousConfig::from_env(Duration::from_secs(1)).unwrap_err();
+    assert!(matches!(err, EpError::InvalidConfig(m) if m.contains("RANK 5")));
+    unsafe { std::env::set_var("RANK", "1") };
+    let config = RendezvousConfig::from_env(Duration::from_secs(1)).unwrap();
+    assert_eq!(
+        (config.rank, config.world_size, config.addr.port()),
+        (1, 2, 29500)
+    );
+}
