@@ -2,7 +2,7 @@
 //! binary re-run as a child that joins) and as threads.
 
 use std::net::SocketAddr;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ep_core::EpError;
@@ -30,6 +30,10 @@ fn spawn_rank(addr: SocketAddr, rank: usize, world: usize) -> Child {
         .env("MASTER_PORT", addr.port().to_string())
         .env("WORLD_SIZE", world.to_string())
         .env("RANK", rank.to_string())
+        // Quiet: the child is judged by its exit status, and its own test-runner
+        // lines (a failure is expected in the timeout test) must not mix with ours.
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap()
 }
