@@ -18,6 +18,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
+use ep_core::layout::SendLayout;
 use ep_core::{validate, EpConfig, EpResult};
 
 use crate::exchange::SharedExchange;
@@ -85,38 +86,23 @@ pub trait ExpertParallelBackend: Backend {
     /// and gives every (token, rank) its slot by prefix sums, in token order.
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
         let topk_idx = int::<Self, 2>(topk_idx);
-        let [tokens, k] = topk_idx.dims();
+        let [tokens, _] = topk_idx.dims();
         let device = topk_idx.device();
         let ids = host_ints(topk_idx);
         validate::check_topk_idx(config, &ids)?;
         let world = config.world_size;
+        let layout = SendLayout::new(config, &ids);
+        // Rows of the send buffer: segments in rank order, tokens in order within.
         let mut slots = vec![-1i64; tokens * world];
-        let mut send_counts = vec![0usize; world];
-        let mut tokens_per_expert = vec![0usize; config.num_experts];
-        for (t, row) in ids.chunks(k).enumerate() {
-            for &e in row.iter().filter(|&&e| e >= 0) {
-                tokens_per_expert[e as usize] += 1;
-            }
-            for (d, count) in send_counts.iter_mut().enumerate() {
-                if row
-                    .iter()
-                    .any(|&e| e >= 0 && config.rank_of_expert(e as usize) == d)
-                {
-                    slots[t * world + d] = *count as i64;
-                    *count += 1;
-                }
+        let mut row = 0;
+        for (d, sent) in layout.tokens_per_rank.iter().enumerate() {
+            for &t in sent {
+                slots[t * world + d] = row;
+                row += 1;
             }
         }
-        // Segment-local slots to rows of the whole send buffer.
-        let mut offset = 0;
-        for (d, &count) in send_counts.iter().enumerate() {
-            for t in 0..tokens {
-                if slots[t * world + d] >= 0 {
-                    slots[t * world + d] += offset;
-                }
-            }
-            offset += count as i64;
-        }
+        let send_counts = layout.send_counts();
+        let tokens_per_expert = layout.tokens_per_expert;
         Ok(LayoutOutput {
             slots: int_tensor::<Self, 2>(slots, [tokens, world], &device).into_primitive(),
             send_counts,

@@ -2,7 +2,7 @@
 //!
 //! - [`EpConfig`] describes a group; [`EpError`] names every kind of bad input.
 //! - [`validate`] checks routing inputs; [`padding`] does the sequence-parallel arithmetic.
-//! - [`layout`] is the host-side layout arithmetic backends without kernels use.
+//! - [`layout`] is the host-side send layout the tensor-op fallback uses.
 //! - [`reference`] is the plain-Rust oracle every backend and transport is tested against.
 
 mod config;
