@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use burn_ep::{run_local, EpConfig, EpGroup, ExpertParallelBackend};
+use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
 const HELP: &str = "bench: time burn-ep's dispatch and combine
@@ -18,7 +18,9 @@ USAGE: cargo run --release --example bench -- [OPTIONS]
 
 OPTIONS:
   --backend B     ndarray | wgpu | cuda (cuda needs the `cuda` feature) [default: ndarray]
-  --ranks W       ranks, as threads sharing the device [default: 2]
+  --ranks W       ranks, as threads of this process [default: 2]
+  --transport T   local | cuda-peer (device copies; --backend cuda; ranks spread
+                  over the GPUs round-robin) [default: local]
   --tokens LIST   tokens per rank, comma-separated [default: 128]
   --hidden H      hidden size [default: 7168, or 256 on ndarray]
   --top-k K       experts per token [default: 8]
@@ -33,12 +35,13 @@ OPTIONS:
 
 Times are taken on rank 0 between device synchronisations, after a barrier of all
 ranks. Bytes are DeepEP's convention: every row received, times H, times the
-element size, over the time. The transport is `local` (host copies between rank
-threads), so these figures measure it, not a GPU-to-GPU link.";
+element size, over the time. The local transport moves host copies between rank
+threads; cuda-peer moves device buffers with the copy engines.";
 
 #[derive(Debug, Clone)]
 struct Options {
     backend: String,
+    transport: Transport,
     ranks: usize,
     tokens: Vec<usize>,
     hidden: Option<usize>,
@@ -55,6 +58,7 @@ struct Options {
 fn parse() -> Result<Options, String> {
     let mut o = Options {
         backend: "ndarray".into(),
+        transport: Transport::Local,
         ranks: 2,
         tokens: vec![128],
         hidden: None,
@@ -77,6 +81,7 @@ fn parse() -> Result<Options, String> {
         let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
         match flag.as_str() {
             "--backend" => o.backend = value,
+            "--transport" => o.transport = value.parse().map_err(|e| format!("{e}"))?,
             "--ranks" => o.ranks = num(&value)?,
             "--tokens" => o.tokens = value.split(',').map(num).collect::<Result<_, _>>()?,
             "--hidden" => o.hidden = Some(num(&value)?),
@@ -112,7 +117,7 @@ impl Phase {
 fn run<B: ExpertParallelBackend + AutodiffBackend>(
     o: &Options,
     tokens: usize,
-    device: B::Device,
+    device_of: fn(usize) -> B::Device,
     dtype: DType,
     hidden: usize,
 ) -> Vec<Phase> {
@@ -126,81 +131,183 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
     };
     let batches = synthetic_batches(&config, tokens, pattern, sentinels, 1);
     let elem = dtype.size();
-    let results = run_local(o.ranks, Duration::from_secs(600), |comm| {
-        let group = EpGroup::<B>::new(config.clone(), comm, device.clone())?;
-        let b = &batches[group.rank()];
-        let x = Tensor::<B, 2>::from_data(
-            TensorData::new(b.x.clone(), [b.tokens, hidden]),
-            (&device, dtype),
-        );
-        let w = Tensor::<B, 2>::from_data(
-            TensorData::new(b.topk_weights.clone(), [b.tokens, o.top_k]),
-            &device,
-        );
-        let idx = Tensor::<B, 2, Int>::from_data(
-            TensorData::new(b.topk_idx.clone(), [b.tokens, o.top_k]),
-            &device,
-        );
-        let barrier = || group_barrier(&group);
-        let timed = |f: &mut dyn FnMut()| -> Vec<Duration> {
-            let mut times = Vec::new();
-            for i in 0..o.warmup + o.iters {
-                barrier();
-                B::sync(&device).unwrap();
-                let start = Instant::now();
-                f();
-                B::sync(&device).unwrap();
-                if i >= o.warmup {
-                    times.push(start.elapsed());
+    let timeout = Duration::from_secs(600);
+    let results = run_ranks(
+        o.transport,
+        &config,
+        timeout,
+        |_, i| device_of(i),
+        |group: EpGroup<B>| {
+            let device = group.device().clone();
+            let b = &batches[group.rank()];
+            let x = Tensor::<B, 2>::from_data(
+                TensorData::new(b.x.clone(), [b.tokens, hidden]),
+                (&device, dtype),
+            );
+            let w = Tensor::<B, 2>::from_data(
+                TensorData::new(b.topk_weights.clone(), [b.tokens, o.top_k]),
+                &device,
+            );
+            let idx = Tensor::<B, 2, Int>::from_data(
+                TensorData::new(b.topk_idx.clone(), [b.tokens, o.top_k]),
+                &device,
+            );
+            let barrier = || group_barrier(&group);
+            let timed = |f: &mut dyn FnMut()| -> Vec<Duration> {
+                let mut times = Vec::new();
+                for i in 0..o.warmup + o.iters {
+                    barrier();
+                    B::sync(&device).unwrap();
+                    let start = Instant::now();
+                    f();
+                    B::sync(&device).unwrap();
+                    if i >= o.warmup {
+                        times.push(start.elapsed());
+                    }
                 }
-            }
-            times
-        };
-        let d = group.dispatch(x.clone(), idx.clone(), w.clone())?;
-        let received = d.routing.received_rows();
-        let y = d.rows.clone();
-        let dispatch = timed(&mut || {
-            group.dispatch(x.clone(), idx.clone(), w.clone()).unwrap();
-        });
-        let cached = timed(&mut || {
-            group.dispatch_cached(x.clone(), &d.routing).unwrap();
-        });
-        let combine = timed(&mut || {
-            group.combine(y.clone(), &d.routing).unwrap();
-        });
-        let round_trip = timed(&mut || {
-            let xg = x.clone().require_grad();
-            let dd = group
-                .dispatch(xg.clone(), idx.clone(), w.clone().require_grad())
-                .unwrap();
-            let out = group.combine(dd.rows, &dd.routing).unwrap();
-            let _ = out.sum().backward();
-        });
-        let bytes = received * hidden * elem;
-        Ok(vec![
-            Phase {
-                name: "dispatch",
-                times: dispatch,
-                bytes,
-            },
-            Phase {
-                name: "cached dispatch",
-                times: cached,
-                bytes,
-            },
-            Phase {
-                name: "combine",
-                times: combine,
-                bytes,
-            },
-            Phase {
-                name: "dispatch+combine fwd+bwd",
-                times: round_trip,
-                bytes: 4 * bytes,
-            },
-        ])
-    });
-    results.into_iter().next().unwrap().expect("rank 0 failed")
+                times
+            };
+            let d = group.dispatch(x.clone(), idx.clone(), w.clone())?;
+            let received = d.routing.received_rows();
+            let y = d.rows.clone();
+            let dispatch = timed(&mut || {
+                group.dispatch(x.clone(), idx.clone(), w.clone()).unwrap();
+            });
+            let cached = timed(&mut || {
+                group.dispatch_cached(x.clone(), &d.routing).unwrap();
+            });
+            let combine = timed(&mut || {
+                group.combine(y.clone(), &d.routing).unwrap();
+            });
+            let round_trip = timed(&mut || {
+                let xg = x.clone().require_grad();
+                let dd = group
+                    .dispatch(xg.clone(), idx.clone(), w.clone().require_grad())
+                    .unwrap();
+                let out = group.combine(dd.rows, &dd.routing).unwrap();
+                let _ = out.sum().backward();
+            });
+            // The steps of one dispatch, timed alone (each between device
+            // synchronisations): where the time of a dispatch goes.
+            let plan = d.routing.plan().clone();
+            let inner_x = x.clone().into_primitive().tensor();
+            let inner_idx = idx.clone().into_primitive();
+            let slots = plan.slots.clone();
+            let layout = timed(&mut || {
+                B::ep_layout(inner_idx.clone(), &config).unwrap();
+            });
+            let control = timed(&mut || group.barrier().unwrap());
+            let sync = timed(&mut || {});
+            let packed = || {
+                slots
+                    .clone()
+                    .filter(|_| plan.sent_rows() > 0)
+                    .map(|s| B::ep_pack(inner_x.clone(), s, plan.sent_rows(), None).0)
+            };
+            let pack = timed(&mut || {
+                packed();
+            });
+            let sent = packed();
+            let exchange_once = || {
+                B::ep_exchange(
+                    sent.clone(),
+                    hidden,
+                    dtype,
+                    &plan.send_counts,
+                    &plan.recv_counts,
+                    &plan.device,
+                    group.exchange(),
+                )
+                .unwrap()
+            };
+            let exchange_time = timed(&mut || {
+                exchange_once();
+            });
+            let arrived = exchange_once();
+            let expand = timed(&mut || {
+                if let (Some(r), Some(p)) = (&arrived, &plan.positions) {
+                    B::ep_expand(r.clone(), p.clone(), plan.padded_rows);
+                }
+            });
+            let bytes = received * hidden * elem;
+            Ok(vec![
+                Phase {
+                    name: "dispatch",
+                    times: dispatch,
+                    bytes,
+                },
+                Phase {
+                    name: "cached dispatch",
+                    times: cached,
+                    bytes,
+                },
+                Phase {
+                    name: "combine",
+                    times: combine,
+                    bytes,
+                },
+                Phase {
+                    name: "dispatch+combine fwd+bwd",
+                    times: round_trip,
+                    bytes: 4 * bytes,
+                },
+                step("step: layout (+count read)", layout),
+                step("step: control message", control),
+                step("step: pack", pack),
+                Phase {
+                    name: "step: row exchange",
+                    times: exchange_time,
+                    bytes,
+                },
+                step("step: expand", expand),
+                step("step: device sync alone", sync),
+            ])
+        },
+    );
+    results
+        .and_then(|r| r.into_iter().next().unwrap())
+        .expect("rank 0 failed")
+}
+
+/// A step of the dispatch breakdown, which moves no rows of its own.
+fn step(name: &'static str, times: Vec<Duration>) -> Phase {
+    Phase {
+        name,
+        times,
+        bytes: 0,
+    }
+}
+
+/// The copy ceiling of the transport, measured in this process: a peer copy from
+/// GPU 0 to GPU 1, or a device copy on GPU 0 when there is one GPU.
+#[cfg(feature = "cuda")]
+fn ceiling(o: &Options) -> Option<(String, f64)> {
+    if o.backend != "cuda" {
+        return None;
+    }
+    let devices = ep_mesh::cuda_device_count().ok()?;
+    let to = if devices > 1 && o.ranks > 1 { 1 } else { 0 };
+    let bytes = 256 << 20;
+    match ep_mesh::bandwidth::copy_bandwidth(0, to, bytes, 20) {
+        Ok(b) => Some((
+            format!(
+                "copy GPU0 -> GPU{to}, {} MiB: {:.1} GB/s ({:.1} µs)",
+                bytes >> 20,
+                b.gbps,
+                b.time.as_secs_f64() * 1e6
+            ),
+            b.gbps,
+        )),
+        Err(e) => {
+            eprintln!("bench: ceiling not measured: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn ceiling(_o: &Options) -> Option<(String, f64)> {
+    None
 }
 
 fn group_barrier<B: ExpertParallelBackend>(group: &EpGroup<B>) {
@@ -227,12 +334,17 @@ fn main() {
         _ => DType::F32,
     };
     println!(
-        "burn-ep bench: backend {}, {} ranks sharing one device, H={hidden}, K={}, E={}, {dtype:?}, routing {}, local transport",
-        o.backend, o.ranks, o.top_k, o.experts, o.routing
+        "burn-ep bench: backend {}, {} ranks, H={hidden}, K={}, E={}, {dtype:?}, routing {}, {} transport",
+        o.backend, o.ranks, o.top_k, o.experts, o.routing, o.transport
     );
+    let ceiling = ceiling(&o);
+    match &ceiling {
+        Some((what, _)) => println!("ceiling: {what}"),
+        None => println!("ceiling: not measured (CUDA backend only)"),
+    }
     println!(
-        "{:>6}  {:<26} {:>12} {:>12} {:>12} {:>12} {:>10}",
-        "T", "phase", "median µs", "min µs", "max µs", "MB recv", "GB/s"
+        "{:>6}  {:<28} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9}",
+        "T", "phase", "median µs", "min µs", "max µs", "MB recv", "GB/s", "ceiling"
     );
     let mut json = Vec::new();
     for (n, &tokens) in o.tokens.iter().enumerate() {
@@ -241,7 +353,7 @@ fn main() {
             "ndarray" => run::<Autodiff<burn::backend::NdArray<f32>>>(
                 &o,
                 tokens,
-                Default::default(),
+                |_| Default::default(),
                 dtype,
                 hidden,
             ),
@@ -249,7 +361,7 @@ fn main() {
             "wgpu" => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
                 &o,
                 tokens,
-                Default::default(),
+                |_| Default::default(),
                 dtype,
                 hidden,
             ),
@@ -257,7 +369,7 @@ fn main() {
             "cuda" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
                 &o,
                 tokens,
-                Default::default(),
+                burn::backend::cuda::CudaDevice::new,
                 dtype,
                 hidden,
             ),
@@ -269,21 +381,30 @@ fn main() {
         for p in &phases {
             let (median, min, max) = p.stats();
             let gbps = p.bytes as f64 / (median * 1e-6) / 1e9;
+            let fraction = ceiling.as_ref().map(|(_, c)| gbps / c);
+            let shown = match fraction {
+                Some(f) if p.bytes > 0 => format!("{:.1}%", 100.0 * f),
+                _ => "-".into(),
+            };
             println!(
-                "{tokens:>6}  {:<26} {median:>12.1} {min:>12.1} {max:>12.1} {:>12.2} {gbps:>10.2}",
+                "{tokens:>6}  {:<28} {median:>10.1} {min:>10.1} {max:>10.1} {:>9.2} {gbps:>8.2} {shown:>9}",
                 p.name,
                 p.bytes as f64 / 1e6
             );
             json.push(format!(
-                "{{\"tokens\":{tokens},\"phase\":\"{}\",\"median_us\":{median:.2},\"min_us\":{min:.2},\"max_us\":{max:.2},\"bytes\":{},\"gbps\":{gbps:.3}}}",
-                p.name, p.bytes
+                "{{\"tokens\":{tokens},\"phase\":\"{}\",\"median_us\":{median:.2},\"min_us\":{min:.2},\"max_us\":{max:.2},\"bytes\":{},\"gbps\":{gbps:.3},\"ceiling_fraction\":{}}}",
+                p.name,
+                p.bytes,
+                fraction.filter(|_| p.bytes > 0).map_or("null".into(), |f| format!("{f:.4}"))
             ));
         }
     }
     if let Some(path) = &o.json {
         let body = format!(
-            "{{\"backend\":\"{}\",\"ranks\":{},\"hidden\":{hidden},\"top_k\":{},\"experts\":{},\"dtype\":\"{dtype:?}\",\"routing\":\"{}\",\"transport\":\"local\",\"results\":[{}]}}\n",
-            o.backend, o.ranks, o.top_k, o.experts, o.routing, json.join(",")
+            "{{\"backend\":\"{}\",\"ranks\":{},\"hidden\":{hidden},\"top_k\":{},\"experts\":{},\"dtype\":\"{dtype:?}\",\"routing\":\"{}\",\"transport\":\"{}\",\"ceiling_gbps\":{},\"results\":[{}]}}\n",
+            o.backend, o.ranks, o.top_k, o.experts, o.routing, o.transport,
+            ceiling.as_ref().map_or("null".into(), |(_, c)| format!("{c:.2}")),
+            json.join(",")
         );
         std::fs::write(path, body).expect("writing the JSON file");
     }

@@ -12,23 +12,6 @@ use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 use ep_core::EpConfig;
 use rstest::rstest;
 
-fn fresh_payload(
-    config: &EpConfig,
-    batches: &[RankBatch],
-    tokens: usize,
-    pattern: RoutingPattern,
-    sentinels: SentinelPattern,
-) -> Vec<RankBatch> {
-    synthetic_batches(config, tokens, pattern, sentinels, 1234)
-        .into_iter()
-        .zip(batches)
-        .map(|(f, b)| RankBatch {
-            x: f.x,
-            ..b.clone()
-        })
-        .collect()
-}
-
 #[rstest]
 fn kernels_match_reference(
     #[values(1, 8, 128)] alignment: usize,

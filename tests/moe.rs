@@ -44,7 +44,10 @@ fn losses<B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend>(
 
 /// Step by step for 5 optimizer steps, the loss of W ranks equals the loss of the
 /// same model on one rank (plain SGD: AdamW's first steps divide by near-zero
-/// second moments, which turns rounding differences into different updates).
+/// second moments, which turns rounding differences into different updates). The
+/// rate is moderate because CUDA's autotuned matmuls tile the per-rank and the
+/// one-rank shapes differently, so sums round differently, and each step carries
+/// that difference forward in proportion to the rate (at 0.5, 1.4e-5 by step 2).
 #[rstest]
 fn moe_ranks_train_like_one_rank(
     #[values(Which::NdArray, Which::Cube)] which: Which,
@@ -52,7 +55,7 @@ fn moe_ranks_train_like_one_rank(
 ) {
     let config = TrainConfig {
         sgd: true,
-        learning_rate: 0.5,
+        learning_rate: 0.2,
         ..TrainConfig::default()
     };
     let (one, many) = match which {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use burn_ep::{run_local, EpConfig, EpGroup, ExpertParallelBackend};
+use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
 use model::{train, TrainConfig};
 
 const HELP: &str = "train_moe: train a small MoE model with expert parallelism
@@ -22,40 +22,48 @@ OPTIONS:
   --backend B      ndarray | wgpu | cuda (cuda needs the `cuda` feature) [default: ndarray]
   --steps N        optimizer steps [default: 300]
   --sp S           sequence-parallel size (pads the tokens per rank) [default: 1]
+  --transport T    local | cuda-peer (rows by device copies; --backend cuda) [default: local]
   --help           this text";
 
 fn run<B: AutodiffBackend + ExpertParallelBackend>(
     config: &TrainConfig,
     ranks: usize,
     steps: usize,
-    device: B::Device,
+    transport: Transport,
+    device: fn(usize) -> B::Device,
 ) {
     let ep = EpConfig::new(ranks, config.num_experts, config.top_k, config.hidden)
         .with_max_tokens_per_rank(config.global_tokens)
         .with_sp_size(config.sp_size);
     let start = Instant::now();
-    let results = run_local(ranks, Duration::from_secs(300), |comm| {
-        let group = EpGroup::<B>::new(ep.clone(), comm, device.clone())?;
-        let rank = group.rank();
-        train(config, &group, steps, |r| {
-            if rank == 0 {
-                let seen = (r.step + 1) * config.global_tokens;
-                let rate = seen as f64 / start.elapsed().as_secs_f64();
-                let done = (r.step + 1) * 30 / steps;
-                eprint!(
-                    "\r[{}{}] step {:>4}/{steps}  loss {:.4}  {:>8.0} tokens/s",
-                    "#".repeat(done),
-                    " ".repeat(30 - done),
-                    r.step + 1,
-                    r.loss,
-                    rate
-                );
-                let _ = std::io::stderr().flush();
-            }
-        })
-    });
+    let timeout = Duration::from_secs(300);
+    let results = run_ranks(
+        transport,
+        &ep,
+        timeout,
+        |_, ordinal| device(ordinal),
+        |group: EpGroup<B>| {
+            let rank = group.rank();
+            train(config, &group, steps, |r| {
+                if rank == 0 {
+                    let seen = (r.step + 1) * config.global_tokens;
+                    let rate = seen as f64 / start.elapsed().as_secs_f64();
+                    let done = (r.step + 1) * 30 / steps;
+                    eprint!(
+                        "\r[{}{}] step {:>4}/{steps}  loss {:.4}  {:>8.0} tokens/s",
+                        "#".repeat(done),
+                        " ".repeat(30 - done),
+                        r.step + 1,
+                        r.loss,
+                        rate
+                    );
+                    let _ = std::io::stderr().flush();
+                }
+            })
+        },
+    );
     eprintln!();
-    let history = match results.into_iter().next().unwrap() {
+    let history = match results.and_then(|r| r.into_iter().next().unwrap()) {
         Ok(h) => h,
         Err(e) => {
             eprintln!("train_moe: rank 0 failed: {e}");
@@ -82,6 +90,7 @@ fn main() {
     let mut ranks = 4;
     let mut backend = "ndarray".to_string();
     let mut steps = 300;
+    let mut transport = Transport::Local;
     let mut config = TrainConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -104,6 +113,12 @@ fn main() {
             "--steps" => steps = number().max(1),
             "--sp" => config.sp_size = number(),
             "--backend" => backend = value,
+            "--transport" => {
+                transport = value.parse().unwrap_or_else(|e| {
+                    eprintln!("train_moe: {e}");
+                    std::process::exit(2)
+                })
+            }
             other => {
                 eprintln!("train_moe: unknown option {other} (see --help)");
                 std::process::exit(2)
@@ -118,26 +133,28 @@ fn main() {
         std::process::exit(2);
     }
     println!(
-        "train_moe: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {backend}",
+        "train_moe: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {backend}, {transport} transport",
         config.layers, config.num_experts, config.top_k, config.hidden, config.global_tokens
     );
     match backend.as_str() {
         "ndarray" => {
-            run::<Autodiff<burn::backend::NdArray<f32>>>(&config, ranks, steps, Default::default())
+            run::<Autodiff<burn::backend::NdArray<f32>>>(&config, ranks, steps, transport, |_| {
+                Default::default()
+            })
         }
         #[cfg(feature = "wgpu")]
-        "wgpu" => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
-            &config,
-            ranks,
-            steps,
-            Default::default(),
-        ),
+        "wgpu" => {
+            run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&config, ranks, steps, transport, |_| {
+                Default::default()
+            })
+        }
         #[cfg(feature = "cuda")]
         "cuda" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
             &config,
             ranks,
             steps,
-            Default::default(),
+            transport,
+            burn::backend::cuda::CudaDevice::new,
         ),
         other => {
             eprintln!("train_moe: backend {other} is not built in (see --help)");

@@ -103,6 +103,39 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         Self::from_inner(B::ep_sum(Self::inner(back), slots))
     }
 
+    fn ep_exchange(
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        // Not differentiable by itself: the differentiable ops are the routes.
+        Ok(B::ep_exchange(
+            rows.map(Self::inner),
+            cols,
+            dtype,
+            send_counts,
+            recv_counts,
+            device,
+            exchange,
+        )?
+        .map(Self::from_inner))
+    }
+
+    fn ep_exchange_ints(
+        ids: Option<IntTensor<Self>>,
+        cols: usize,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<IntTensor<Self>>> {
+        B::ep_exchange_ints(ids, cols, send_counts, recv_counts, device, exchange)
+    }
+
     fn ep_route_rows(
         x: FloatTensor<Self>,
         plan: &Plan<Self>,

@@ -21,7 +21,7 @@ use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use ep_core::layout::SendLayout;
 use ep_core::{validate, EpConfig, EpResult};
 
-use crate::exchange::SharedExchange;
+use crate::exchange::{host_exchange, host_exchange_ints, SharedExchange};
 
 /// The device side of a routing handle: what moving a payload along the route
 /// needs, in forward and backward passes alike. Generic over the int primitive and
@@ -290,6 +290,36 @@ pub trait ExpertParallelBackend: Backend {
         sum_of_gathers(back, terms, tokens)
     }
 
+    /// The all-to-all-v of a send buffer `[S, cols]` (segments in rank order,
+    /// `send_counts` rows each): returns what the ranks sent here, `[R, C]` in
+    /// source-rank order with `recv_counts` rows each (`None` when nothing came).
+    /// The default moves host data; CubeCL backends use a transport's device path
+    /// where it has one.
+    fn ep_exchange(
+        rows: Option<FloatTensor<Self>>,
+        _cols: usize,
+        dtype: DType,
+        send_counts: &[usize],
+        _recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        host_exchange::<Self>(rows, dtype, send_counts, device, exchange)
+    }
+
+    /// [`Self::ep_exchange`] for int rows (the routing metadata of a recording
+    /// dispatch).
+    fn ep_exchange_ints(
+        ids: Option<IntTensor<Self>>,
+        _cols: usize,
+        send_counts: &[usize],
+        _recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<IntTensor<Self>>> {
+        host_exchange_ints::<Self>(ids, send_counts, device, exchange)
+    }
+
     /// Route rows: `x [T, C]` packed and sent along the route; returns the received
     /// rows `[R, C]` in source-rank order (`None` when nothing was received).
     fn ep_route_rows(
@@ -297,16 +327,23 @@ pub trait ExpertParallelBackend: Backend {
         plan: &Plan<Self>,
         exchange: &SharedExchange,
     ) -> EpResult<Option<FloatTensor<Self>>> {
-        let dtype = float::<Self, 2>(x.clone()).dtype();
+        let x_t = float::<Self, 2>(x.clone());
+        let (cols, dtype) = (x_t.dims()[1], x_t.dtype());
         let packed = match &plan.slots {
             Some(slots) if plan.sent_rows() > 0 => {
-                let (rows, _) = Self::ep_pack(x, slots.clone(), plan.sent_rows(), None);
-                Some(float::<Self, 2>(rows).into_data())
+                Some(Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0)
             }
             _ => None,
         };
-        let received = exchange.exchange_rows(packed, &plan.send_counts)?;
-        Ok(received.map(|data| upload::<Self>(data, &plan.device, dtype)))
+        Self::ep_exchange(
+            packed,
+            cols,
+            dtype,
+            &plan.send_counts,
+            &plan.recv_counts,
+            &plan.device,
+            exchange,
+        )
     }
 
     /// Return rows: received-side rows `[R, C]` sent back to their sources, where each
@@ -319,15 +356,18 @@ pub trait ExpertParallelBackend: Backend {
         plan: &Plan<Self>,
         exchange: &SharedExchange,
     ) -> EpResult<FloatTensor<Self>> {
-        let outgoing = rows.map(|r| float::<Self, 2>(r).into_data());
-        let back = exchange.exchange_rows(outgoing, &plan.recv_counts)?;
+        let back = Self::ep_exchange(
+            rows,
+            cols,
+            dtype,
+            &plan.recv_counts,
+            &plan.send_counts,
+            &plan.device,
+            exchange,
+        )?;
         Ok(match (back, &plan.slots) {
-            (Some(back), Some(slots)) => {
-                Self::ep_sum(upload::<Self>(back, &plan.device, dtype), slots.clone())
-            }
-            _ => Tensor::<Self, 2>::zeros([plan.tokens, cols], (&plan.device, dtype))
-                .into_primitive()
-                .tensor(),
+            (Some(back), Some(slots)) => Self::ep_sum(back, slots.clone()),
+            _ => zeros::<Self>([plan.tokens, cols], &plan.device, dtype),
         })
     }
 
@@ -406,7 +446,7 @@ fn sum_of_gathers<B: Backend>(
             None => term,
         });
     }
-    acc.unwrap_or_else(|| Tensor::zeros([out_rows, hidden], (&device, dtype)))
+    acc.unwrap_or_else(|| zeros_tensor::<B, 2>([out_rows, hidden], &device, dtype))
         .into_primitive()
         .tensor()
 }
@@ -434,9 +474,23 @@ pub(crate) fn zeros<B: Backend>(
     device: &B::Device,
     dtype: DType,
 ) -> FloatTensor<B> {
-    Tensor::<B, 2>::zeros(shape, (device, dtype))
+    zeros_tensor::<B, 2>(shape, device, dtype)
         .into_primitive()
         .tensor()
+}
+
+/// Zeros of `shape`. A zero-size tensor is allocated without a kernel launch: CUDA
+/// refuses to launch a grid of zero blocks, which a zero-size fill would be.
+pub(crate) fn zeros_tensor<B: Backend, const D: usize>(
+    shape: [usize; D],
+    device: &B::Device,
+    dtype: DType,
+) -> Tensor<B, D> {
+    if shape.contains(&0) {
+        Tensor::empty(shape, (device, dtype))
+    } else {
+        Tensor::zeros(shape, (device, dtype))
+    }
 }
 
 pub(crate) fn int_tensor<B: Backend, const D: usize>(

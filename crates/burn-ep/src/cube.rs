@@ -16,6 +16,8 @@ use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_kernels::{expand, layout, pack, reduce, slots, sum};
 
 use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed};
+use crate::cube_exchange::device_exchange;
+use crate::exchange::{host_exchange, host_exchange_ints, SharedExchange};
 
 /// Units per cube for kernels with one unit per element.
 const ELEMENT_BLOCK: u32 = 256;
@@ -83,6 +85,51 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
                 .map(|&c| c as usize)
                 .collect(),
         })
+    }
+
+    fn ep_exchange(
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        match exchange.device() {
+            Some(transport) => device_exchange::<R>(
+                rows,
+                cols,
+                dtype,
+                send_counts,
+                recv_counts,
+                device,
+                transport,
+            ),
+            None => host_exchange::<Self>(rows, dtype, send_counts, device, exchange),
+        }
+    }
+
+    fn ep_exchange_ints(
+        ids: Option<IntTensor<Self>>,
+        cols: usize,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<IntTensor<Self>>> {
+        match exchange.device() {
+            Some(transport) => device_exchange::<R>(
+                ids,
+                cols,
+                I::dtype(),
+                send_counts,
+                recv_counts,
+                device,
+                transport,
+            ),
+            None => host_exchange_ints::<Self>(ids, send_counts, device, exchange),
+        }
     }
 
     fn ep_pack(
@@ -431,7 +478,7 @@ fn row_count(n: usize) -> CubeCount {
     CubeCount::Static(x as u32, n.div_ceil(x).max(1) as u32, 1)
 }
 
-fn alloc<R: CubeRuntime, const D: usize>(
+pub(crate) fn alloc<R: CubeRuntime, const D: usize>(
     client: &ComputeClient<R>,
     device: &R::Device,
     shape: [usize; D],

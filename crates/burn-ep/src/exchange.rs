@@ -5,10 +5,13 @@
 
 use std::sync::Arc;
 
-use burn::tensor::TensorData;
+use burn::tensor::backend::Backend;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Int, Tensor, TensorData};
 use ep_core::EpResult;
 use ep_mesh::LocalComm;
 
+use crate::backend::{float, int, upload};
 use crate::transfer::{concat_rows, split_rows};
 
 /// Moves rows between the ranks of a group.
@@ -21,6 +24,29 @@ pub trait RowExchange: Send + Sync {
         rows: Option<TensorData>,
         send_counts: &[usize],
     ) -> EpResult<Option<TensorData>>;
+
+    /// The device path, for transports that move device buffers themselves (the
+    /// cuda-peer transport); `None` when rows travel as host data.
+    fn device(&self) -> Option<&dyn DeviceExchange> {
+        None
+    }
+}
+
+/// A transport that moves rows between device buffers.
+pub trait DeviceExchange: Send + Sync {
+    /// All-to-all-v of device rows: `send_counts[d]` rows of `row_bytes` bytes at
+    /// `send` (segments in rank order) go to rank `d`; `recv_counts[s]` rows from rank
+    /// `s` land at `recv` (segments in source-rank order). The send buffer must be
+    /// written and the receive buffer allocated before the call; both are complete
+    /// when it returns.
+    fn all_to_all_v(
+        &self,
+        send: u64,
+        send_counts: &[usize],
+        recv: u64,
+        recv_counts: &[usize],
+        row_bytes: usize,
+    ) -> EpResult<()>;
 }
 
 /// The local transport moves host copies (see `transfer`).
@@ -37,6 +63,65 @@ impl RowExchange for LocalComm {
         let received = self.all_to_all(messages)?;
         Ok(concat_rows(received.into_iter().flatten().collect()))
     }
+}
+
+#[cfg(feature = "cuda")]
+impl RowExchange for ep_mesh::CudaPeerComm {
+    /// Host data (routing metadata on backends without the device path) goes through
+    /// the control channel.
+    fn exchange_rows(
+        &self,
+        rows: Option<TensorData>,
+        send_counts: &[usize],
+    ) -> EpResult<Option<TensorData>> {
+        self.control().exchange_rows(rows, send_counts)
+    }
+
+    fn device(&self) -> Option<&dyn DeviceExchange> {
+        Some(self)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceExchange for ep_mesh::CudaPeerComm {
+    fn all_to_all_v(
+        &self,
+        send: u64,
+        send_counts: &[usize],
+        recv: u64,
+        recv_counts: &[usize],
+        row_bytes: usize,
+    ) -> EpResult<()> {
+        ep_mesh::CudaPeerComm::all_to_all_v(self, send, send_counts, recv, recv_counts, row_bytes)
+    }
+}
+
+/// The host path of a float exchange: read the send buffer, move host data, upload
+/// what came.
+pub(crate) fn host_exchange<B: Backend>(
+    rows: Option<FloatTensor<B>>,
+    dtype: DType,
+    send_counts: &[usize],
+    device: &B::Device,
+    exchange: &SharedExchange,
+) -> EpResult<Option<FloatTensor<B>>> {
+    let data = rows.map(|r| float::<B, 2>(r).into_data());
+    Ok(exchange
+        .exchange_rows(data, send_counts)?
+        .map(|d| upload::<B>(d, device, dtype)))
+}
+
+/// The host path of an int exchange.
+pub(crate) fn host_exchange_ints<B: Backend>(
+    ids: Option<IntTensor<B>>,
+    send_counts: &[usize],
+    device: &B::Device,
+    exchange: &SharedExchange,
+) -> EpResult<Option<IntTensor<B>>> {
+    let data = ids.map(|r| int::<B, 2>(r).into_data());
+    Ok(exchange
+        .exchange_rows(data, send_counts)?
+        .map(|d| Tensor::<B, 2, Int>::from_data(d, device).into_primitive()))
 }
 
 /// A shareable exchange, as held by routing handles and backward passes.

@@ -7,7 +7,7 @@ use ep_core::padding::sp_padded_tokens;
 use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_mesh::LocalComm;
 
-use crate::backend::{float, int, ExpertParallelBackend, PackMeta, RoutePlan};
+use crate::backend::{float, zeros_tensor, ExpertParallelBackend, PackMeta, RoutePlan};
 use crate::exchange::SharedExchange;
 use crate::routing::Routing;
 
@@ -39,23 +39,46 @@ struct Counts {
 }
 
 impl<B: ExpertParallelBackend> EpGroup<B> {
-    /// Joins a group: `config.world_size` must match the transport's, and the rank
-    /// is taken from the transport.
+    /// Joins a group on the local transport: `config.world_size` must match the
+    /// transport's, and the rank is taken from the transport.
     pub fn new(config: EpConfig, comm: LocalComm, device: B::Device) -> EpResult<Self> {
-        if config.world_size != comm.world_size() {
+        let comm = Arc::new(comm);
+        Self::with_transport(config, comm.clone(), comm, device)
+    }
+
+    /// Joins a group on the cuda-peer transport (one process, one thread per rank):
+    /// rows move between device buffers by peer copies. `device` must be the CUDA
+    /// device the transport gave this rank.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_peer(
+        config: EpConfig,
+        comm: ep_mesh::CudaPeerComm,
+        device: B::Device,
+    ) -> EpResult<Self> {
+        let control = comm.control().clone();
+        Self::with_transport(config, control, Arc::new(comm), device)
+    }
+
+    /// `control` carries the count exchange and barriers, `exchange` the rows.
+    fn with_transport(
+        config: EpConfig,
+        control: Arc<LocalComm>,
+        exchange: SharedExchange,
+        device: B::Device,
+    ) -> EpResult<Self> {
+        if config.world_size != control.world_size() {
             return Err(EpError::InvalidConfig(format!(
                 "config.world_size is {} but the transport has {} ranks",
                 config.world_size,
-                comm.world_size()
+                control.world_size()
             )));
         }
-        let config = config.with_rank(comm.rank());
+        let config = config.with_rank(control.rank());
         config.validate()?;
-        let comm = Arc::new(comm);
         Ok(Self {
             config,
-            exchange: comm.clone(),
-            comm,
+            exchange,
+            comm: control,
             device,
         })
     }
@@ -74,6 +97,11 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
 
     pub fn device(&self) -> &B::Device {
         &self.device
+    }
+
+    /// The transport that moves this group's rows.
+    pub fn exchange(&self) -> &SharedExchange {
+        &self.exchange
     }
 
     /// Sums `values` over the ranks of the group, in rank order (so every rank gets
@@ -170,13 +198,17 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             };
             let weights = topk_weights.clone().detach().into_primitive().tensor();
             let (_, meta) = B::ep_pack(weights, slots.clone(), sent, Some(meta));
-            int::<B, 2>(meta.expect("a recording pack returns its metadata").1).into_data()
+            meta.expect("a recording pack returns its metadata").1
         });
-        let recv_local = self.exchange.exchange_rows(local_ids, &send_counts)?;
-        let positions = recv_local.map(|ids| {
-            let ids: Tensor<B, 2, Int> = Tensor::from_data(ids, &self.device);
-            B::ep_expert_positions(ids.into_primitive(), &expert_offsets[..local])
-        });
+        let recv_local = B::ep_exchange_ints(
+            local_ids,
+            c.top_k,
+            &send_counts,
+            &recv_counts,
+            &self.device,
+            &self.exchange,
+        )?;
+        let positions = recv_local.map(|ids| B::ep_expert_positions(ids, &expert_offsets[..local]));
 
         let plan = RoutePlan {
             tokens: padded_tokens,
@@ -205,7 +237,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
                 positions.clone(),
                 padded_rows,
             )),
-            _ => Tensor::zeros([padded_rows], (&self.device, dtype)),
+            _ => zeros_tensor::<B, 1>([padded_rows], &self.device, dtype),
         };
 
         let routing = Routing {
@@ -261,7 +293,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         )?);
         Ok(match routing.tokens {
             t if t == routing.plan.tokens => out,
-            0 => Tensor::zeros([0, hidden], (&self.device, dtype)),
+            0 => zeros_tensor::<B, 2>([0, hidden], &self.device, dtype),
             t => out.narrow(0, 0, t),
         })
     }

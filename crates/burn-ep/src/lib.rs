@@ -12,15 +12,18 @@
 mod autodiff;
 mod backend;
 mod cube;
+mod cube_exchange;
 mod exchange;
 mod group;
 pub mod moe;
 mod routing;
+mod runner;
 mod transfer;
 
 pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RoutePlan};
 pub use ep_core::{EpConfig, EpError, EpResult};
 pub use ep_mesh::{local_comms, run_local, LocalComm, Mesh, DEFAULT_TIMEOUT};
-pub use exchange::{RowExchange, SharedExchange};
+pub use exchange::{DeviceExchange, RowExchange, SharedExchange};
 pub use group::{Dispatched, EpGroup};
 pub use routing::Routing;
+pub use runner::{run_ranks, Transport};

@@ -36,6 +36,12 @@ impl<B: ExpertParallelBackend> Routing<B> {
         self.hidden
     }
 
+    /// The device side of the route (counts, slots, positions), for callers that run
+    /// the steps themselves (the benchmark's breakdown).
+    pub fn plan(&self) -> &Plan<B> {
+        &self.plan
+    }
+
     /// Tokens sent to each rank (one copy per rank, however many of its experts).
     pub fn send_counts(&self) -> &[usize] {
         &self.plan.send_counts

@@ -61,7 +61,9 @@ pub enum EpError {
         waiting_for: Vec<usize>,
         after: Duration,
     },
-    /// The transport itself failed (wrong message, missing peer access, ...).
+    /// Two devices of a cuda-peer group cannot reach each other peer-to-peer.
+    NoPeerAccess { from: usize, to: usize },
+    /// The transport itself failed (wrong message, a driver call, ...).
     Transport(String),
 }
 
@@ -118,6 +120,11 @@ impl fmt::Display for EpError {
             } => write!(
                 f,
                 "rank {rank}: no answer from rank(s) {waiting_for:?} within {after:?}"
+            ),
+            EpError::NoPeerAccess { from, to } => write!(
+                f,
+                "CUDA device {from} has no peer access to device {to}: the cuda-peer transport \
+                 needs it between every pair of its devices (use the nccl transport instead)"
             ),
             EpError::Transport(msg) => write!(f, "transport error: {msg}"),
         }

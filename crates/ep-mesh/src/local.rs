@@ -77,13 +77,27 @@ where
     R: Send,
     F: Fn(LocalComm) -> EpResult<R> + Sync,
 {
-    let comms = local_comms(world_size, timeout);
+    run_threads(local_comms(world_size, timeout), LocalComm::rank, work)
+}
+
+/// Runs `work` on every comm, one scoped thread each, and returns the results in
+/// the comms' order; a panic becomes [`EpError::PeerFailed`] naming the rank.
+pub(crate) fn run_threads<C, R, F>(
+    comms: Vec<C>,
+    rank_of: fn(&C) -> usize,
+    work: F,
+) -> Vec<EpResult<R>>
+where
+    C: Send,
+    R: Send,
+    F: Fn(C) -> EpResult<R> + Sync,
+{
     std::thread::scope(|scope| {
         let handles: Vec<_> = comms
             .into_iter()
             .map(|comm| {
                 let work = &work;
-                let rank = comm.rank();
+                let rank = rank_of(&comm);
                 let handle =
                     scope.spawn(move || panic::catch_unwind(AssertUnwindSafe(|| work(comm))));
                 (rank, handle)

@@ -1,0 +1,321 @@
+//! The `cuda-peer` transport: one process drives every GPU of a node, one thread per
+//! rank, and row segments move straight from a sender's buffer into the receiver's
+//! buffer with the copy engines (`cuMemcpyPeerAsync`; a device-to-device copy when
+//! both ranks share a GPU).
+//!
+//! Control messages (receive addresses, the completion barrier) travel through the
+//! in-process mailbox of the `local` transport: the counts are already on the host
+//! after the layout, so a host message is cheaper than a device copy plus a
+//! synchronisation, and it carries the same failure and timeout semantics.
+//!
+//! The push protocol of one all-to-all-v:
+//! 1. every rank tells each source where in its receive buffer that source's rows go;
+//! 2. every rank starts one copy per destination, each on its own stream, so copies
+//!    to different peers are in flight at once; the local segment is a copy on the
+//!    device, never crossing a link;
+//! 3. every rank waits for its own copies, then meets the others at a barrier: after
+//!    it, every receive buffer is complete and no send buffer is still being read.
+//!
+//! The caller guarantees that the send buffer is written and the receive buffer
+//! allocated (its stream synchronised) before the call.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cudarc::driver::{result, sys};
+use ep_core::{EpError, EpResult};
+
+use crate::local::{local_comms, run_threads, LocalComm};
+
+/// A raw CUDA handle that may cross threads: contexts and streams are usable from
+/// any thread once made current.
+#[derive(Debug, Clone, Copy)]
+struct Raw<T>(T);
+unsafe impl<T> Send for Raw<T> {}
+unsafe impl<T> Sync for Raw<T> {}
+
+/// One rank's end of the cuda-peer transport.
+pub struct CudaPeerComm {
+    control: Arc<LocalComm>,
+    /// CUDA ordinal of every rank's device.
+    devices: Arc<Vec<usize>>,
+    /// Primary context of every CUDA ordinal in use (indexed by ordinal).
+    contexts: Arc<Vec<Option<Raw<sys::CUcontext>>>>,
+    /// One stream per destination rank, on this rank's device.
+    streams: Vec<Raw<sys::CUstream>>,
+}
+
+/// Where one source's rows go in a receiver's buffer, and how many it expects.
+#[derive(Debug, Clone, Copy)]
+struct Landing {
+    address: u64,
+    rows: usize,
+}
+
+fn driver(what: &str, e: impl std::fmt::Debug) -> EpError {
+    EpError::Transport(format!("cuda-peer: {what} failed: {e:?}"))
+}
+
+/// The number of CUDA devices this process sees.
+pub fn cuda_device_count() -> EpResult<usize> {
+    result::init().map_err(|e| driver("cuInit", e))?;
+    result::device::get_count()
+        .map(|n| n as usize)
+        .map_err(|e| driver("cuDeviceGetCount", e))
+}
+
+/// Makes the ends of a cuda-peer transport for `world_size` ranks over the first
+/// `devices` CUDA devices: rank `r` drives device `r % devices` (ranks share devices
+/// round-robin when there are more ranks than devices). Enables peer access between
+/// every pair of devices in use, and fails with [`EpError::NoPeerAccess`] where the
+/// hardware has none.
+pub fn cuda_peer_comms(
+    world_size: usize,
+    devices: usize,
+    timeout: Duration,
+) -> EpResult<Vec<CudaPeerComm>> {
+    let available = cuda_device_count()?;
+    if devices == 0 || devices > available {
+        return Err(EpError::InvalidConfig(format!(
+            "cuda-peer: asked for {devices} devices, this process sees {available}"
+        )));
+    }
+    let used = devices.min(world_size);
+    let mut contexts = vec![None; available];
+    for (ordinal, context) in contexts.iter_mut().enumerate().take(used) {
+        let dev = result::device::get(ordinal as i32).map_err(|e| driver("cuDeviceGet", e))?;
+        // The primary context: the one CubeCL's CUDA runtime uses for the device.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }
+            .map_err(|e| driver("cuDevicePrimaryCtxRetain", e))?;
+        *context = Some(Raw(ctx));
+    }
+    enable_peer_access(&contexts, used)?;
+
+    let rank_devices: Arc<Vec<usize>> = Arc::new((0..world_size).map(|r| r % used).collect());
+    let contexts = Arc::new(contexts);
+    local_comms(world_size, timeout)
+        .into_iter()
+        .map(|control| {
+            let ordinal = rank_devices[control.rank()];
+            set_current(&contexts, ordinal)?;
+            let streams = (0..world_size)
+                .map(|_| {
+                    result::stream::create(result::stream::StreamKind::NonBlocking)
+                        .map(Raw)
+                        .map_err(|e| driver("cuStreamCreate", e))
+                })
+                .collect::<EpResult<_>>()?;
+            Ok(CudaPeerComm {
+                control: Arc::new(control),
+                devices: rank_devices.clone(),
+                contexts: contexts.clone(),
+                streams,
+            })
+        })
+        .collect()
+}
+
+/// Runs `work` on `world_size` ranks of a cuda-peer transport over every CUDA device
+/// of the process (one thread per rank; see [`cuda_peer_comms`]) and returns each
+/// rank's result in rank order. A rank that panics yields [`EpError::PeerFailed`].
+pub fn run_cuda_peer<R, F>(
+    world_size: usize,
+    timeout: Duration,
+    work: F,
+) -> EpResult<Vec<EpResult<R>>>
+where
+    R: Send,
+    F: Fn(CudaPeerComm) -> EpResult<R> + Sync,
+{
+    let comms = cuda_peer_comms(world_size, cuda_device_count()?, timeout)?;
+    Ok(run_threads(comms, CudaPeerComm::rank, |comm| {
+        set_current(&comm.contexts, comm.device())?;
+        work(comm)
+    }))
+}
+
+fn set_current(contexts: &[Option<Raw<sys::CUcontext>>], ordinal: usize) -> EpResult<()> {
+    let ctx = contexts[ordinal].expect("contexts of devices in use are retained");
+    unsafe { result::ctx::set_current(ctx.0) }.map_err(|e| driver("cuCtxSetCurrent", e))
+}
+
+/// Peer access between every ordered pair of the first `used` devices: the contexts
+/// (for `cuMemcpyPeerAsync`) and the stream-ordered memory pools CubeCL allocates
+/// from (`cuMemPoolSetAccess`).
+fn enable_peer_access(contexts: &[Option<Raw<sys::CUcontext>>], used: usize) -> EpResult<()> {
+    for from in 0..used {
+        for to in (0..used).filter(|&to| to != from) {
+            let (dev_from, dev_to) = (
+                result::device::get(from as i32).map_err(|e| driver("cuDeviceGet", e))?,
+                result::device::get(to as i32).map_err(|e| driver("cuDeviceGet", e))?,
+            );
+            let mut can = 0;
+            unsafe { sys::cuDeviceCanAccessPeer(&mut can, dev_from, dev_to) }
+                .result()
+                .map_err(|e| driver("cuDeviceCanAccessPeer", e))?;
+            if can == 0 {
+                return Err(EpError::NoPeerAccess { from, to });
+            }
+            set_current(contexts, from)?;
+            let peer = contexts[to].expect("retained").0;
+            match unsafe { sys::cuCtxEnablePeerAccess(peer, 0) } {
+                sys::CUresult::CUDA_SUCCESS
+                | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
+                e => return Err(driver("cuCtxEnablePeerAccess", e)),
+            }
+            // Memory of `to`'s pool becomes readable and writable from `from`.
+            let pool = unsafe { result::device::get_mem_pool(dev_to) }
+                .map_err(|e| driver("cuDeviceGetMemPool", e))?;
+            let access = sys::CUmemAccessDesc {
+                location: sys::CUmemLocation {
+                    type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE,
+                    id: from as i32,
+                },
+                flags: sys::CUmemAccess_flags::CU_MEM_ACCESS_FLAGS_PROT_READWRITE,
+            };
+            unsafe { sys::cuMemPoolSetAccess(pool, &access, 1) }
+                .result()
+                .map_err(|e| driver("cuMemPoolSetAccess", e))?;
+        }
+    }
+    Ok(())
+}
+
+impl CudaPeerComm {
+    pub fn rank(&self) -> usize {
+        self.control.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.control.world_size()
+    }
+
+    /// The CUDA ordinal this rank drives.
+    pub fn device(&self) -> usize {
+        self.devices[self.rank()]
+    }
+
+    /// The CUDA ordinal of every rank.
+    pub fn devices(&self) -> &[usize] {
+        &self.devices
+    }
+
+    /// The host-side control channel (count exchange, barriers, small messages).
+    pub fn control(&self) -> &Arc<LocalComm> {
+        &self.control
+    }
+
+    /// All-to-all-v of device rows: `send_counts[d]` rows of `row_bytes` bytes from
+    /// `send` (segments in rank order) go to rank `d`, and `recv_counts[s]` rows from
+    /// rank `s` land in `recv` (segments in source-rank order). Addresses are device
+    /// pointers on this rank's device; a zero count needs no valid address. Returns
+    /// once this rank's receive buffer is complete and its send buffer no longer read.
+    pub fn all_to_all_v(
+        &self,
+        send: u64,
+        send_counts: &[usize],
+        recv: u64,
+        recv_counts: &[usize],
+        row_bytes: usize,
+    ) -> EpResult<()> {
+        let (me, world) = (self.rank(), self.world_size());
+        if send_counts.len() != world || recv_counts.len() != world {
+            return Err(EpError::Transport(format!(
+                "rank {me}: all_to_all_v needs {world} send and receive counts, got {} and {}",
+                send_counts.len(),
+                recv_counts.len()
+            )));
+        }
+        let mut offset = 0u64;
+        let landings = recv_counts
+            .iter()
+            .map(|&rows| {
+                let landing = Landing {
+                    address: recv + offset,
+                    rows,
+                };
+                offset += (rows * row_bytes) as u64;
+                landing
+            })
+            .collect();
+        let landings: Vec<Landing> = self.control.all_to_all(landings)?;
+
+        set_current(&self.contexts, self.device())?;
+        let mut started = Ok(());
+        let mut source = send;
+        for (dest, (landing, &rows)) in landings.iter().zip(send_counts).enumerate() {
+            let bytes = rows * row_bytes;
+            if landing.rows != rows {
+                started = Err(EpError::Transport(format!(
+                    "rank {me} sends {rows} rows to rank {dest}, which expects {}",
+                    landing.rows
+                )));
+                break;
+            }
+            if bytes > 0 {
+                if let Err(e) = self.copy(dest, landing.address, source, bytes) {
+                    started = Err(e);
+                    break;
+                }
+            }
+            source += bytes as u64;
+        }
+        // Wait for whatever was started even after an error: the buffers must not be
+        // released under a running copy.
+        let finished = self.wait_copies();
+        // Every rank meets here, on success or failure alike, so no peer waits for a
+        // barrier that never comes.
+        let status: Vec<Result<(), String>> =
+            self.control.all_to_all(vec![
+                started
+                    .clone()
+                    .and(finished.clone())
+                    .map_err(|e| e.to_string());
+                world
+            ])?;
+        started?;
+        finished?;
+        if let Some((rank, reason)) = status
+            .into_iter()
+            .enumerate()
+            .find_map(|(rank, s)| s.err().map(|reason| (rank, reason)))
+        {
+            return Err(EpError::PeerFailed { rank, reason });
+        }
+        Ok(())
+    }
+
+    fn copy(&self, dest: usize, to: u64, from: u64, bytes: usize) -> EpResult<()> {
+        let stream = self.streams[dest].0;
+        let (src_dev, dst_dev) = (self.device(), self.devices[dest]);
+        unsafe {
+            if src_dev == dst_dev {
+                result::memcpy_dtod_async(to, from, bytes, stream)
+                    .map_err(|e| driver("cuMemcpyDtoDAsync", e))
+            } else {
+                let ctx = |d: usize| self.contexts[d].expect("retained").0;
+                result::memcpy_peer_async(ctx(dst_dev), to, ctx(src_dev), from, bytes, stream)
+                    .map_err(|e| driver("cuMemcpyPeerAsync", e))
+            }
+        }
+    }
+
+    fn wait_copies(&self) -> EpResult<()> {
+        for stream in &self.streams {
+            unsafe { result::stream::synchronize(stream.0) }
+                .map_err(|e| driver("cuStreamSynchronize", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CudaPeerComm {
+    fn drop(&mut self) {
+        if set_current(&self.contexts, self.device()).is_ok() {
+            for stream in &self.streams {
+                // Nothing is queued: every call waits for its copies before returning.
+                let _ = unsafe { result::stream::destroy(stream.0) };
+            }
+        }
+    }
+}
