@@ -37,7 +37,7 @@ pub fn check_grid(
 #[rstest]
 fn routing_grid(
     #[values(Which::NdArray, Which::Cube)] which: Which,
-    #[values(2, 4)] world: usize,
+    #[values(2, 4, 8)] world: usize,
     #[values(1, 8)] alignment: usize,
     #[values(
         RoutingPattern::Uniform,
