@@ -1,21 +1,19 @@
-//! Pack: token rows (and, when recording, their top-k weights and destination-local
-//! expert ids) into the per-rank contiguous segments of the send buffer. Record and
+//! Pack: token rows (and, when recording, their destination-local expert ids) into
+//! the per-rank contiguous segments of the send buffer. Record and
 //! replay are this one kernel: replay passes `record = 0` and reads the saved slots.
 
 use cubecl::prelude::*;
 
 /// One cube per token; its units stride over the row's vectors. `slots [T, W]` are
 /// rows of the send buffer (or `-1`). With `record = 1` the kernel also writes, per
-/// sent row, `out_weights [S, K]` and `out_local [S, K]` (the slot's expert as the
-/// destination's local id, `-1` when it lives elsewhere).
+/// sent row, `out_local [S, K]` (the slot's expert as the destination's local id,
+/// `-1` when it lives elsewhere).
 #[cube(launch)]
-pub fn pack_kernel<F: Float, W: Float, I: Int, N: Size>(
+pub fn pack_kernel<F: Float, I: Int, N: Size>(
     x: &Array<Vector<F, N>>,
     slots: &Array<I>,
     out: &mut Array<Vector<F, N>>,
     topk_idx: &Array<I>,
-    topk_weights: &Array<W>,
-    out_weights: &mut Array<W>,
     out_local: &mut Array<I>,
     tokens: usize,
     world: usize,
@@ -23,7 +21,7 @@ pub fn pack_kernel<F: Float, W: Float, I: Int, N: Size>(
     top_k: usize,
     experts_per_rank: usize,
     record: u32,
-    #[define(F, W, I)] _dtypes: [StorageType; 3],
+    #[define(F, I)] _dtypes: [StorageType; 2],
 ) {
     let t = CUBE_POS;
     if t >= tokens {
@@ -50,7 +48,6 @@ pub fn pack_kernel<F: Float, W: Float, I: Int, N: Size>(
                             local = I::cast_from(expert % experts_per_rank);
                         }
                     }
-                    out_weights[dst * top_k + k] = topk_weights[t * top_k + k];
                     out_local[dst * top_k + k] = local;
                     k += step;
                 }

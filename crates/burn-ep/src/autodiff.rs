@@ -50,14 +50,10 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
     ) -> Packed<Self> {
         let meta = meta.map(|m| PackMeta {
             topk_idx: m.topk_idx,
-            topk_weights: Self::inner(m.topk_weights),
             experts_per_rank: m.experts_per_rank,
         });
-        let (rows, meta) = B::ep_pack(Self::inner(x), slots, sent_rows, meta);
-        (
-            Self::from_inner(rows),
-            meta.map(|(w, l)| (Self::from_inner(w), l)),
-        )
+        let (rows, local) = B::ep_pack(Self::inner(x), slots, sent_rows, meta);
+        (Self::from_inner(rows), local)
     }
 
     fn ep_expert_positions(

@@ -67,16 +67,15 @@ pub struct LayoutOutput<B: Backend> {
 }
 
 /// What pack returns: the send buffer `[S, H]` and, when recording, the sent rows'
-/// weights `[S, K]` and destination-local expert ids `[S, K]`.
-pub type Packed<B> = (FloatTensor<B>, Option<(FloatTensor<B>, IntTensor<B>)>);
+/// destination-local expert ids `[S, K]`.
+pub type Packed<B> = (FloatTensor<B>, Option<IntTensor<B>>);
 
-/// The routing metadata a recording pack moves beside the rows.
+/// The routing metadata a recording pack derives beside the rows. (The weights are
+/// not metadata: they travel as a payload of their own, differentiably.)
 #[derive(Debug, Clone)]
 pub struct PackMeta<B: Backend> {
     /// `[T, K]` global expert ids.
     pub topk_idx: IntTensor<B>,
-    /// `[T, K]` top-k weights.
-    pub topk_weights: FloatTensor<B>,
     pub experts_per_rank: usize,
 }
 
@@ -111,9 +110,9 @@ pub trait ExpertParallelBackend: Backend {
     }
 
     /// Pack: the rows of `x [T, H]` into the send buffer `[S, H]` following `slots`.
-    /// When recording, also the metadata of every sent row: its top-k weights
-    /// `[S, K]`, and its slots as destination-local expert ids `[S, K]` (`-1` where
-    /// the slot's expert is on another rank). Replays pass no `meta`.
+    /// When recording, also the metadata of every sent row: its slots as
+    /// destination-local expert ids `[S, K]` (`-1` where the slot's expert is on
+    /// another rank). Replays pass no `meta`.
     fn ep_pack(
         x: FloatTensor<Self>,
         slots: IntTensor<Self>,
@@ -134,9 +133,9 @@ pub trait ExpertParallelBackend: Backend {
             }
         }
         let meta = meta.map(|m| {
-            let weights = float::<Self, 2>(m.topk_weights);
-            let k = weights.dims()[1];
-            let ids = host_ints(int::<Self, 2>(m.topk_idx));
+            let ids = int::<Self, 2>(m.topk_idx);
+            let k = ids.dims()[1];
+            let ids = host_ints(ids);
             let per_rank = m.experts_per_rank as i64;
             let local: Vec<i64> = source
                 .iter()
@@ -153,11 +152,7 @@ pub trait ExpertParallelBackend: Backend {
                         })
                 })
                 .collect();
-            let index = int_tensor::<Self, 1>(source.clone(), [sent_rows], &device);
-            (
-                weights.select(0, index).into_primitive().tensor(),
-                int_tensor::<Self, 2>(local, [sent_rows, k], &device).into_primitive(),
-            )
+            int_tensor::<Self, 2>(local, [sent_rows, k], &device).into_primitive()
         });
         let index = int_tensor::<Self, 1>(source, [sent_rows], &device);
         (x.select(0, index).into_primitive().tensor(), meta)

@@ -142,21 +142,17 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         let [_, hidden] = dims2(&x);
         let out = alloc::<R, _>(&x.client, &x.device, [sent_rows, hidden], x.dtype);
         let meta = meta.map(|m| {
-            let (idx, weights) = (into_contiguous(m.topk_idx), into_contiguous(m.topk_weights));
+            let idx = into_contiguous(m.topk_idx);
             let top_k = dims2(&idx)[1];
-            let out_weights =
-                alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], weights.dtype);
             let out_local = alloc::<R, _>(&x.client, &x.device, [sent_rows, top_k], idx.dtype);
             MetaBuffers {
                 idx,
-                weights,
-                out_weights,
                 out_local,
                 experts_per_rank: m.experts_per_rank,
             }
         });
         launch_pack::<R>(&x, &slots, &out, meta.as_ref());
-        (out, meta.map(|m| (m.out_weights, m.out_local)))
+        (out, meta.map(|m| m.out_local))
     }
 
     fn ep_expert_positions(
@@ -302,8 +298,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
 /// The metadata a recording pack reads and writes.
 struct MetaBuffers<R: CubeRuntime> {
     idx: CubeTensor<R>,
-    weights: CubeTensor<R>,
-    out_weights: CubeTensor<R>,
     out_local: CubeTensor<R>,
     experts_per_rank: usize,
 }
@@ -320,19 +314,17 @@ fn launch_pack<R: CubeRuntime>(
     let world = dims2(slots)[1];
     let n = vector_size::<R>(&x.client, hidden, x.dtype);
     // Without metadata, placeholders of the right types that the kernel never touches.
-    let (idx, weights, out_weights, out_local, top_k, experts_per_rank, record) = match meta {
+    let (idx, out_local, top_k, experts_per_rank, record) = match meta {
         Some(m) => (
             m.idx.clone(),
-            m.weights.clone(),
-            m.out_weights.clone(),
             m.out_local.clone(),
             dims2(&m.idx)[1],
             m.experts_per_rank,
             1,
         ),
-        None => (slots.clone(), x.clone(), x.clone(), slots.clone(), 0, 1, 0),
+        None => (slots.clone(), slots.clone(), 0, 1, 0),
     };
-    let dtypes = [x.dtype.into(), weights.dtype.into(), idx.dtype.into()];
+    let dtypes = [x.dtype.into(), idx.dtype.into()];
     pack::pack_kernel::launch::<R>(
         &x.client,
         row_count(tokens),
@@ -342,8 +334,6 @@ fn launch_pack<R: CubeRuntime>(
         slots.clone().into_array_arg(),
         out.clone().into_array_arg(),
         idx.into_array_arg(),
-        weights.into_array_arg(),
-        out_weights.into_array_arg(),
         out_local.into_array_arg(),
         tokens,
         world,

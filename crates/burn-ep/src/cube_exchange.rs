@@ -8,9 +8,9 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use ep_core::{EpError, EpResult};
+use ep_mesh::DeviceExchange;
 
 use crate::cube::alloc;
-use crate::exchange::DeviceExchange;
 
 /// Moves `send` (`[S, cols]`, segments in rank order) through `exchange`; returns the
 /// received `[R, cols]` rows, `None` when nothing came.

@@ -9,7 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use ep_core::EpResult;
-use ep_mesh::LocalComm;
+use ep_mesh::{DeviceExchange, LocalComm};
 
 use crate::backend::{float, int, upload};
 use crate::transfer::{concat_rows, split_rows};
@@ -30,23 +30,6 @@ pub trait RowExchange: Send + Sync {
     fn device(&self) -> Option<&dyn DeviceExchange> {
         None
     }
-}
-
-/// A transport that moves rows between device buffers.
-pub trait DeviceExchange: Send + Sync {
-    /// All-to-all-v of device rows: `send_counts[d]` rows of `row_bytes` bytes at
-    /// `send` (segments in rank order) go to rank `d`; `recv_counts[s]` rows from rank
-    /// `s` land at `recv` (segments in source-rank order). The send buffer must be
-    /// written and the receive buffer allocated before the call; both are complete
-    /// when it returns.
-    fn all_to_all_v(
-        &self,
-        send: u64,
-        send_counts: &[usize],
-        recv: u64,
-        recv_counts: &[usize],
-        row_bytes: usize,
-    ) -> EpResult<()>;
 }
 
 /// The local transport moves host copies (see `transfer`).
@@ -79,20 +62,6 @@ impl RowExchange for ep_mesh::CudaPeerComm {
 
     fn device(&self) -> Option<&dyn DeviceExchange> {
         Some(self)
-    }
-}
-
-#[cfg(feature = "cuda")]
-impl DeviceExchange for ep_mesh::CudaPeerComm {
-    fn all_to_all_v(
-        &self,
-        send: u64,
-        send_counts: &[usize],
-        recv: u64,
-        recv_counts: &[usize],
-        row_bytes: usize,
-    ) -> EpResult<()> {
-        ep_mesh::CudaPeerComm::all_to_all_v(self, send, send_counts, recv, recv_counts, row_bytes)
     }
 }
 

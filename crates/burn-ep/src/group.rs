@@ -193,12 +193,13 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let local_ids = slots.as_ref().filter(|_| sent > 0).map(|slots| {
             let meta = PackMeta {
                 topk_idx: topk_idx.into_primitive(),
-                topk_weights: topk_weights.clone().detach().into_primitive().tensor(),
                 experts_per_rank: local,
             };
+            // The weights are the narrowest payload to carry the ids' pack; the
+            // packed rows themselves are not needed.
             let weights = topk_weights.clone().detach().into_primitive().tensor();
-            let (_, meta) = B::ep_pack(weights, slots.clone(), sent, Some(meta));
-            meta.expect("a recording pack returns its metadata").1
+            let (_, local_ids) = B::ep_pack(weights, slots.clone(), sent, Some(meta));
+            local_ids.expect("a recording pack returns its metadata")
         });
         let recv_local = B::ep_exchange_ints(
             local_ids,

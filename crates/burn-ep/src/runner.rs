@@ -76,44 +76,16 @@ where
             let rank = comm.rank();
             work(EpGroup::new(config.clone(), comm, device(rank, 0))?)
         })),
-        Transport::CudaPeer => run_cuda_peer(config, timeout, device, work),
+        #[cfg(feature = "cuda")]
+        Transport::CudaPeer => ep_mesh::run_cuda_peer(config.world_size, timeout, |comm| {
+            let device = device(comm.rank(), comm.device());
+            work(EpGroup::cuda_peer(config.clone(), comm, device)?)
+        }),
+        #[cfg(not(feature = "cuda"))]
+        Transport::CudaPeer => Err(EpError::InvalidConfig(
+            "the cuda-peer transport needs burn-ep's `cuda` feature".into(),
+        )),
     }
-}
-
-#[cfg(feature = "cuda")]
-fn run_cuda_peer<B, R, D, F>(
-    config: &EpConfig,
-    timeout: Duration,
-    device: D,
-    work: F,
-) -> EpResult<Vec<EpResult<R>>>
-where
-    B: ExpertParallelBackend,
-    R: Send,
-    D: Fn(usize, usize) -> B::Device + Sync,
-    F: Fn(EpGroup<B>) -> EpResult<R> + Sync,
-{
-    ep_mesh::run_cuda_peer(config.world_size, timeout, |comm| {
-        let device = device(comm.rank(), comm.device());
-        work(EpGroup::cuda_peer(config.clone(), comm, device)?)
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_cuda_peer<B, R, D, F>(
-    _config: &EpConfig,
-    _timeout: Duration,
-    _device: D,
-    _work: F,
-) -> EpResult<Vec<EpResult<R>>>
-where
-    B: ExpertParallelBackend,
-    D: Fn(usize, usize) -> B::Device + Sync,
-    F: Fn(EpGroup<B>) -> EpResult<R> + Sync,
-{
-    Err(EpError::InvalidConfig(
-        "the cuda-peer transport needs burn-ep's `cuda` feature".into(),
-    ))
 }
 
 #[cfg(test)]

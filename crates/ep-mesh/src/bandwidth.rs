@@ -4,11 +4,9 @@
 use std::time::Duration;
 
 use cudarc::driver::{result, sys};
-use ep_core::{EpError, EpResult};
+use ep_core::EpResult;
 
-fn driver(what: &str, e: impl std::fmt::Debug) -> EpError {
-    EpError::Transport(format!("copy bandwidth: {what} failed: {e:?}"))
-}
+use crate::cuda_peer::{driver, enable_context_access, primary_context};
 
 /// What a copy measurement found.
 #[derive(Debug, Clone, Copy)]
@@ -31,22 +29,13 @@ pub fn copy_bandwidth(
     reps: usize,
 ) -> EpResult<CopyBandwidth> {
     result::init().map_err(|e| driver("cuInit", e))?;
-    let ctx = |ordinal: usize| -> EpResult<sys::CUcontext> {
-        let dev = result::device::get(ordinal as i32).map_err(|e| driver("cuDeviceGet", e))?;
-        unsafe { result::primary_ctx::retain(dev) }
-            .map_err(|e| driver("cuDevicePrimaryCtxRetain", e))
-    };
-    let (src_ctx, dst_ctx) = (ctx(from)?, ctx(to)?);
+    let (src_ctx, dst_ctx) = (primary_context(from)?, primary_context(to)?);
     unsafe {
         result::ctx::set_current(dst_ctx).map_err(|e| driver("cuCtxSetCurrent", e))?;
         let dst = result::malloc_sync(bytes).map_err(|e| driver("cuMemAlloc", e))?;
         result::ctx::set_current(src_ctx).map_err(|e| driver("cuCtxSetCurrent", e))?;
         if from != to {
-            match sys::cuCtxEnablePeerAccess(dst_ctx, 0) {
-                sys::CUresult::CUDA_SUCCESS
-                | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
-                e => return Err(driver("cuCtxEnablePeerAccess", e)),
-            }
+            enable_context_access(dst_ctx)?;
         }
         let src = result::malloc_sync(bytes).map_err(|e| driver("cuMemAlloc", e))?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)

@@ -25,6 +25,7 @@ use std::time::Duration;
 use cudarc::driver::{result, sys};
 use ep_core::{EpError, EpResult};
 
+use crate::device_exchange::DeviceExchange;
 use crate::local::{local_comms, run_threads, LocalComm};
 
 /// A raw CUDA handle that may cross threads: contexts and streams are usable from
@@ -52,8 +53,25 @@ struct Landing {
     rows: usize,
 }
 
-fn driver(what: &str, e: impl std::fmt::Debug) -> EpError {
-    EpError::Transport(format!("cuda-peer: {what} failed: {e:?}"))
+/// A failed driver call, named.
+pub(crate) fn driver(what: &str, e: impl std::fmt::Debug) -> EpError {
+    EpError::Transport(format!("CUDA driver call {what} failed: {e:?}"))
+}
+
+/// The primary context of CUDA device `ordinal`: the one CubeCL's CUDA runtime uses.
+pub(crate) fn primary_context(ordinal: usize) -> EpResult<sys::CUcontext> {
+    let dev = result::device::get(ordinal as i32).map_err(|e| driver("cuDeviceGet", e))?;
+    unsafe { result::primary_ctx::retain(dev) }.map_err(|e| driver("cuDevicePrimaryCtxRetain", e))
+}
+
+/// Lets the current context reach `peer`'s memory; enabling twice is not an error.
+pub(crate) fn enable_context_access(peer: sys::CUcontext) -> EpResult<()> {
+    match unsafe { sys::cuCtxEnablePeerAccess(peer, 0) } {
+        sys::CUresult::CUDA_SUCCESS | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {
+            Ok(())
+        }
+        e => Err(driver("cuCtxEnablePeerAccess", e)),
+    }
 }
 
 /// The number of CUDA devices this process sees.
@@ -83,11 +101,7 @@ pub fn cuda_peer_comms(
     let used = devices.min(world_size);
     let mut contexts = vec![None; available];
     for (ordinal, context) in contexts.iter_mut().enumerate().take(used) {
-        let dev = result::device::get(ordinal as i32).map_err(|e| driver("cuDeviceGet", e))?;
-        // The primary context: the one CubeCL's CUDA runtime uses for the device.
-        let ctx = unsafe { result::primary_ctx::retain(dev) }
-            .map_err(|e| driver("cuDevicePrimaryCtxRetain", e))?;
-        *context = Some(Raw(ctx));
+        *context = Some(Raw(primary_context(ordinal)?));
     }
     enable_peer_access(&contexts, used)?;
 
@@ -157,12 +171,7 @@ fn enable_peer_access(contexts: &[Option<Raw<sys::CUcontext>>], used: usize) -> 
                 return Err(EpError::NoPeerAccess { from, to });
             }
             set_current(contexts, from)?;
-            let peer = contexts[to].expect("retained").0;
-            match unsafe { sys::cuCtxEnablePeerAccess(peer, 0) } {
-                sys::CUresult::CUDA_SUCCESS
-                | sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED => {}
-                e => return Err(driver("cuCtxEnablePeerAccess", e)),
-            }
+            enable_context_access(contexts[to].expect("retained").0)?;
             // Memory of `to`'s pool becomes readable and writable from `from`.
             let pool = unsafe { result::device::get_mem_pool(dev_to) }
                 .map_err(|e| driver("cuDeviceGetMemPool", e))?;
@@ -205,12 +214,34 @@ impl CudaPeerComm {
         &self.control
     }
 
-    /// All-to-all-v of device rows: `send_counts[d]` rows of `row_bytes` bytes from
-    /// `send` (segments in rank order) go to rank `d`, and `recv_counts[s]` rows from
-    /// rank `s` land in `recv` (segments in source-rank order). Addresses are device
-    /// pointers on this rank's device; a zero count needs no valid address. Returns
-    /// once this rank's receive buffer is complete and its send buffer no longer read.
-    pub fn all_to_all_v(
+    fn copy(&self, dest: usize, to: u64, from: u64, bytes: usize) -> EpResult<()> {
+        let stream = self.streams[dest].0;
+        let (src_dev, dst_dev) = (self.device(), self.devices[dest]);
+        unsafe {
+            if src_dev == dst_dev {
+                result::memcpy_dtod_async(to, from, bytes, stream)
+                    .map_err(|e| driver("cuMemcpyDtoDAsync", e))
+            } else {
+                let ctx = |d: usize| self.contexts[d].expect("retained").0;
+                result::memcpy_peer_async(ctx(dst_dev), to, ctx(src_dev), from, bytes, stream)
+                    .map_err(|e| driver("cuMemcpyPeerAsync", e))
+            }
+        }
+    }
+
+    fn wait_copies(&self) -> EpResult<()> {
+        for stream in &self.streams {
+            unsafe { result::stream::synchronize(stream.0) }
+                .map_err(|e| driver("cuStreamSynchronize", e))?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceExchange for CudaPeerComm {
+    /// Addresses are device pointers on this rank's device; a zero count needs no
+    /// valid address.
+    fn all_to_all_v(
         &self,
         send: u64,
         send_counts: &[usize],
@@ -281,29 +312,6 @@ impl CudaPeerComm {
             .find_map(|(rank, s)| s.err().map(|reason| (rank, reason)))
         {
             return Err(EpError::PeerFailed { rank, reason });
-        }
-        Ok(())
-    }
-
-    fn copy(&self, dest: usize, to: u64, from: u64, bytes: usize) -> EpResult<()> {
-        let stream = self.streams[dest].0;
-        let (src_dev, dst_dev) = (self.device(), self.devices[dest]);
-        unsafe {
-            if src_dev == dst_dev {
-                result::memcpy_dtod_async(to, from, bytes, stream)
-                    .map_err(|e| driver("cuMemcpyDtoDAsync", e))
-            } else {
-                let ctx = |d: usize| self.contexts[d].expect("retained").0;
-                result::memcpy_peer_async(ctx(dst_dev), to, ctx(src_dev), from, bytes, stream)
-                    .map_err(|e| driver("cuMemcpyPeerAsync", e))
-            }
-        }
-    }
-
-    fn wait_copies(&self) -> EpResult<()> {
-        for stream in &self.streams {
-            unsafe { result::stream::synchronize(stream.0) }
-                .map_err(|e| driver("cuStreamSynchronize", e))?;
         }
         Ok(())
     }
