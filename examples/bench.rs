@@ -20,7 +20,8 @@ OPTIONS:
   --backend B     ndarray | wgpu | cuda (cuda needs the `cuda` feature) [default: ndarray]
   --ranks W       ranks, as threads of this process [default: 2]
   --transport T   local | cuda-peer (device copies; --backend cuda; ranks spread
-                  over the GPUs round-robin) [default: local]
+                  over the GPUs round-robin) | nccl (one GPU per rank) |
+                  hierarchical (simulated nodes, see the book) [default: local]
   --tokens LIST   tokens per rank, comma-separated [default: 128]
   --hidden H      hidden size [default: 7168, or 256 on ndarray]
   --top-k K       experts per token [default: 8]

@@ -22,7 +22,8 @@ OPTIONS:
   --backend B      ndarray | wgpu | cuda (cuda needs the `cuda` feature) [default: ndarray]
   --steps N        optimizer steps [default: 300]
   --sp S           sequence-parallel size (pads the tokens per rank) [default: 1]
-  --transport T    local | cuda-peer (rows by device copies; --backend cuda) [default: local]
+  --transport T    local | cuda-peer (rows by device copies; --backend cuda) |
+                   nccl | hierarchical (one GPU per rank; --backend cuda) [default: local]
   --help           this text";
 
 fn run<B: AutodiffBackend + ExpertParallelBackend>(

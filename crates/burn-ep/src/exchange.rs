@@ -65,6 +65,35 @@ impl RowExchange for ep_mesh::CudaPeerComm {
     }
 }
 
+/// Transports across processes move CUDA device memory only: a backend whose rows
+/// are host data has no path there, and is told so instead of being served slowly.
+#[cfg(feature = "cuda")]
+macro_rules! device_only_exchange {
+    ($($transport:ty),*) => {$(
+        impl RowExchange for $transport {
+            fn exchange_rows(
+                &self,
+                _rows: Option<TensorData>,
+                _send_counts: &[usize],
+            ) -> EpResult<Option<TensorData>> {
+                Err(ep_core::EpError::Transport(
+                    "the nccl and hierarchical transports move CUDA device memory, but this \
+                     backend's rows are host data (use the Cuda backend, or the local or \
+                     cuda-peer transport)"
+                        .into(),
+                ))
+            }
+
+            fn device(&self) -> Option<&dyn DeviceExchange> {
+                Some(self)
+            }
+        }
+    )*};
+}
+
+#[cfg(feature = "cuda")]
+device_only_exchange!(ep_mesh::NcclComm, ep_mesh::HierarchicalComm);
+
 /// The host path of a float exchange: read the send buffer, move host data, upload
 /// what came.
 pub(crate) fn host_exchange<B: Backend>(

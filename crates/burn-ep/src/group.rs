@@ -5,7 +5,7 @@ use std::sync::Arc;
 use burn::tensor::{DType, Int, Tensor};
 use ep_core::padding::sp_padded_tokens;
 use ep_core::{validate, EpConfig, EpError, EpResult};
-use ep_mesh::LocalComm;
+use ep_mesh::{Control, LocalComm};
 
 use crate::backend::{float, zeros_tensor, ExpertParallelBackend, PackMeta, RoutePlan};
 use crate::exchange::SharedExchange;
@@ -26,16 +26,9 @@ pub struct Dispatched<B: ExpertParallelBackend> {
 /// One rank's member of an expert-parallel group.
 pub struct EpGroup<B: ExpertParallelBackend> {
     config: EpConfig,
-    comm: Arc<LocalComm>,
+    control: Arc<dyn Control>,
     exchange: SharedExchange,
     device: B::Device,
-}
-
-/// What a rank tells each peer in the count exchange.
-struct Counts {
-    rows: usize,
-    /// Rows for each of the peer's local experts.
-    per_expert: Vec<usize>,
 }
 
 impl<B: ExpertParallelBackend> EpGroup<B> {
@@ -59,10 +52,31 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         Self::with_transport(config, control, Arc::new(comm), device)
     }
 
+    /// Joins a group on the nccl transport: one NCCL communicator per rank, in this
+    /// process or across processes and nodes. `device` must be the CUDA device the
+    /// communicator was made on.
+    #[cfg(feature = "cuda")]
+    pub fn nccl(config: EpConfig, comm: ep_mesh::NcclComm, device: B::Device) -> EpResult<Self> {
+        let comm = Arc::new(comm);
+        Self::with_transport(config, comm.clone(), comm, device)
+    }
+
+    /// Joins a hierarchical group: device copies between the ranks of this process,
+    /// NCCL to the others (see `ep_mesh::hierarchical`).
+    #[cfg(feature = "cuda")]
+    pub fn hierarchical(
+        config: EpConfig,
+        comm: ep_mesh::HierarchicalComm,
+        device: B::Device,
+    ) -> EpResult<Self> {
+        let comm = Arc::new(comm);
+        Self::with_transport(config, comm.clone(), comm, device)
+    }
+
     /// `control` carries the count exchange and barriers, `exchange` the rows.
     fn with_transport(
         config: EpConfig,
-        control: Arc<LocalComm>,
+        control: Arc<dyn Control>,
         exchange: SharedExchange,
         device: B::Device,
     ) -> EpResult<Self> {
@@ -78,7 +92,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         Ok(Self {
             config,
             exchange,
-            comm: control,
+            control,
             device,
         })
     }
@@ -107,22 +121,13 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// Sums `values` over the ranks of the group, in rank order (so every rank gets
     /// bitwise the same result): the all-reduce of dense gradients and loads.
     pub fn all_reduce_sum(&self, values: Vec<f32>) -> EpResult<Vec<f32>> {
-        let received = self.comm.all_to_all(vec![values; self.config.world_size])?;
-        let mut sum = vec![0.0f32; received[0].len()];
-        for part in &received {
-            for (s, v) in sum.iter_mut().zip(part) {
-                *s += v;
-            }
-        }
-        Ok(sum)
+        self.control.all_reduce_sum(&values)
     }
 
     /// Returns once every rank of the group has called it (or with the error that
     /// a failed or silent peer gives).
     pub fn barrier(&self) -> EpResult<()> {
-        self.comm
-            .all_to_all(vec![(); self.config.world_size])
-            .map(|_| ())
+        self.control.barrier()
     }
 
     /// Sends every token to the ranks that hold its experts and returns the rows
@@ -169,18 +174,22 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
 
         // Count exchange: rows, and rows per expert, that each rank will receive.
         let local = c.experts_per_rank();
+        // Each peer is told [rows, rows for each of its local experts].
         let counts = send_counts
             .iter()
             .enumerate()
-            .map(|(d, &rows)| Counts {
-                rows,
-                per_expert: tokens_per_expert[d * local..(d + 1) * local].to_vec(),
+            .map(|(d, &rows)| {
+                let per_expert = &tokens_per_expert[d * local..(d + 1) * local];
+                std::iter::once(rows)
+                    .chain(per_expert.iter().copied())
+                    .map(|n| n as u64)
+                    .collect()
             })
             .collect();
-        let received = self.comm.all_to_all(counts)?;
-        let recv_counts: Vec<usize> = received.iter().map(|m| m.rows).collect();
+        let received = self.control.all_to_all_words(counts, 1 + local)?;
+        let recv_counts: Vec<usize> = received.iter().map(|m| m[0] as usize).collect();
         let expert_counts: Vec<usize> = (0..local)
-            .map(|j| received.iter().map(|m| m.per_expert[j]).sum())
+            .map(|j| received.iter().map(|m| m[1 + j] as usize).sum())
             .collect();
         let mut expert_offsets = vec![0];
         for &count in &expert_counts {

@@ -22,8 +22,10 @@ mod transfer;
 
 pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RoutePlan};
 pub use ep_core::{EpConfig, EpError, EpResult};
-pub use ep_mesh::{local_comms, run_local, DeviceExchange, LocalComm, Mesh, DEFAULT_TIMEOUT};
+pub use ep_mesh::{
+    local_comms, run_local, Control, DeviceExchange, LocalComm, Mesh, DEFAULT_TIMEOUT,
+};
 pub use exchange::{RowExchange, SharedExchange};
 pub use group::{Dispatched, EpGroup};
 pub use routing::Routing;
-pub use runner::{run_ranks, Transport};
+pub use runner::{launch, run_ranks, Transport};

@@ -1,5 +1,6 @@
-//! Starting the ranks of a group inside one process: one thread per rank, each handed
-//! its `EpGroup`, with the transport chosen at run time.
+//! Starting the ranks of a group: inside one process ([`run_ranks`], one thread per
+//! rank, the transport chosen at run time), or across processes and nodes
+//! ([`launch`], in the torchrun convention).
 
 use std::fmt;
 use std::str::FromStr;
@@ -18,6 +19,12 @@ pub enum Transport {
     /// Device-to-device copies between the GPUs of one node (CUDA backend, feature
     /// `cuda`); ranks share devices round-robin when there are more ranks than GPUs.
     CudaPeer,
+    /// One NCCL communicator per rank, each rank on its own GPU (feature `cuda`).
+    Nccl,
+    /// Nodes simulated inside the process: `BURN_EP_LOCAL_RANKS` ranks per node
+    /// (default half the group) use device copies among themselves and NCCL to
+    /// the other nodes, each rank on its own GPU (feature `cuda`).
+    Hierarchical,
 }
 
 impl Transport {
@@ -37,8 +44,10 @@ impl FromStr for Transport {
         match s {
             "local" => Ok(Self::Local),
             "cuda-peer" => Ok(Self::CudaPeer),
+            "nccl" => Ok(Self::Nccl),
+            "hierarchical" => Ok(Self::Hierarchical),
             other => Err(EpError::InvalidConfig(format!(
-                "unknown transport {other:?} (expected local or cuda-peer)"
+                "unknown transport {other:?} (expected local, cuda-peer, nccl or hierarchical)"
             ))),
         }
     }
@@ -49,6 +58,8 @@ impl fmt::Display for Transport {
         f.write_str(match self {
             Self::Local => "local",
             Self::CudaPeer => "cuda-peer",
+            Self::Nccl => "nccl",
+            Self::Hierarchical => "hierarchical",
         })
     }
 }
@@ -81,10 +92,93 @@ where
             let device = device(comm.rank(), comm.device());
             work(EpGroup::cuda_peer(config.clone(), comm, device)?)
         }),
+        #[cfg(feature = "cuda")]
+        Transport::Nccl => ep_mesh::run_nccl(config.world_size, timeout, |comm| {
+            let device = device(comm.rank(), comm.device());
+            work(EpGroup::nccl(config.clone(), comm, device)?)
+        }),
+        #[cfg(feature = "cuda")]
+        Transport::Hierarchical => {
+            let world = config.world_size;
+            let local = match std::env::var("BURN_EP_LOCAL_RANKS") {
+                Ok(v) => v.parse().map_err(|_| {
+                    EpError::InvalidConfig(format!("BURN_EP_LOCAL_RANKS={v} is not a number"))
+                })?,
+                Err(_) => (world / 2).max(1),
+            };
+            let choice = ep_mesh::IntraProcess::from_env()?;
+            ep_mesh::hierarchical::run_simulated_nodes(world, local, choice, timeout, |comm| {
+                // Rank r drives GPU r in a simulated node layout.
+                let device = device(comm.rank(), comm.rank());
+                work(EpGroup::hierarchical(config.clone(), comm, device)?)
+            })
+        }
         #[cfg(not(feature = "cuda"))]
-        Transport::CudaPeer => Err(EpError::InvalidConfig(
-            "the cuda-peer transport needs burn-ep's `cuda` feature".into(),
-        )),
+        other => Err(needs_cuda(other)),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn needs_cuda(transport: impl fmt::Display) -> EpError {
+    EpError::InvalidConfig(format!(
+        "the {transport} transport needs burn-ep's `cuda` feature"
+    ))
+}
+
+/// Runs this process's ranks of a group whose processes were started in the
+/// torchrun convention (see `ep_mesh::launch`: one process per GPU with `RANK`, or
+/// one per node with `NODE_RANK`), one thread per rank, and returns their results
+/// in rank order. Process 0 hosts the rendezvous that hands out the NCCL id; ranks
+/// of one process use device copies between themselves and NCCL to the others
+/// (`BURN_EP_INTRANODE=auto|cuda-peer|nccl`). `device(rank, ordinal)` gives a rank
+/// its device, `ordinal` being the CUDA device it was placed on.
+///
+/// A process that never arrives fails the rendezvous by name within `timeout`; a
+/// peer that dies or goes silent later fails every pending call within `timeout`.
+pub fn launch<B, R, D, F>(
+    config: &EpConfig,
+    timeout: Duration,
+    device: D,
+    work: F,
+) -> EpResult<Vec<EpResult<R>>>
+where
+    B: ExpertParallelBackend,
+    R: Send,
+    D: Fn(usize, usize) -> B::Device + Sync,
+    F: Fn(EpGroup<B>) -> EpResult<R> + Sync,
+{
+    #[cfg(feature = "cuda")]
+    {
+        use ep_mesh::{IntraProcess, Launch, Placement};
+        let launch = Launch::from_env(timeout, ep_mesh::cuda_device_count()?)?;
+        if config.world_size != launch.world_size() {
+            return Err(EpError::InvalidConfig(format!(
+                "config.world_size is {} but the launch has {} processes of {} ranks",
+                config.world_size, launch.processes, launch.local_ranks
+            )));
+        }
+        let choice = IntraProcess::from_env()?;
+        let id = ep_mesh::nccl::unique_id_from_rendezvous(&launch.rendezvous)?;
+        // Other processes' devices are laid out like this one's; only this
+        // process's are used.
+        let placement =
+            Placement::uniform(launch.processes, launch.local_ranks, launch.first_device);
+        ep_mesh::run_process(&id, &placement, launch.process, choice, timeout, |comm| {
+            let rank = comm.rank();
+            work(EpGroup::hierarchical(
+                config.clone(),
+                comm,
+                device(rank, placement.device_of[rank]),
+            )?)
+        })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (config, timeout, device, work);
+        Err(EpError::InvalidConfig(
+            "a multi-process group moves rows over NCCL, which needs burn-ep's `cuda` feature"
+                .into(),
+        ))
     }
 }
 
@@ -94,7 +188,12 @@ mod tests {
 
     #[test]
     fn transports_parse_and_print() {
-        for t in [Transport::Local, Transport::CudaPeer] {
+        for t in [
+            Transport::Local,
+            Transport::CudaPeer,
+            Transport::Nccl,
+            Transport::Hierarchical,
+        ] {
             assert_eq!(t.to_string().parse::<Transport>().unwrap(), t);
         }
         assert!(matches!(

@@ -61,6 +61,10 @@ pub enum EpError {
         waiting_for: Vec<usize>,
         after: Duration,
     },
+    /// A collective failed on a communicator that cannot tell which peer is to blame
+    /// (NCCL: a peer died, a connection broke, or the call ran past the timeout). The
+    /// communicator is aborted; every later call on it fails at once.
+    Aborted { rank: usize, reason: String },
     /// Two devices of a cuda-peer group cannot reach each other peer-to-peer.
     NoPeerAccess { from: usize, to: usize },
     /// The transport itself failed (wrong message, a driver call, ...).
@@ -121,6 +125,9 @@ impl fmt::Display for EpError {
                 f,
                 "rank {rank}: no answer from rank(s) {waiting_for:?} within {after:?}"
             ),
+            EpError::Aborted { rank, reason } => {
+                write!(f, "rank {rank}: communicator aborted: {reason}")
+            }
             EpError::NoPeerAccess { from, to } => write!(
                 f,
                 "CUDA device {from} has no peer access to device {to}: the cuda-peer transport \

@@ -25,13 +25,13 @@ use std::time::Duration;
 use cudarc::driver::{result, sys};
 use ep_core::{EpError, EpResult};
 
-use crate::device_exchange::DeviceExchange;
+use crate::device_exchange::{check_counts, DeviceExchange};
 use crate::local::{local_comms, run_threads, LocalComm};
 
 /// A raw CUDA handle that may cross threads: contexts and streams are usable from
 /// any thread once made current.
 #[derive(Debug, Clone, Copy)]
-struct Raw<T>(T);
+pub(crate) struct Raw<T>(pub(crate) T);
 unsafe impl<T> Send for Raw<T> {}
 unsafe impl<T> Sync for Raw<T> {}
 
@@ -99,13 +99,29 @@ pub fn cuda_peer_comms(
         )));
     }
     let used = devices.min(world_size);
-    let mut contexts = vec![None; available];
-    for (ordinal, context) in contexts.iter_mut().enumerate().take(used) {
-        *context = Some(Raw(primary_context(ordinal)?));
-    }
-    enable_peer_access(&contexts, used)?;
+    cuda_peer_comms_on((0..world_size).map(|r| r % used).collect(), timeout)
+}
 
-    let rank_devices: Arc<Vec<usize>> = Arc::new((0..world_size).map(|r| r % used).collect());
+/// Makes the ends of a cuda-peer transport whose rank `i` drives CUDA device
+/// `devices[i]`: one process's share of a hierarchical group, or a whole group.
+pub fn cuda_peer_comms_on(devices: Vec<usize>, timeout: Duration) -> EpResult<Vec<CudaPeerComm>> {
+    let available = cuda_device_count()?;
+    if let Some(&bad) = devices.iter().find(|&&d| d >= available) {
+        return Err(EpError::InvalidConfig(format!(
+            "cuda-peer: device {bad} asked for, this process sees {available}"
+        )));
+    }
+    let mut used = devices.clone();
+    used.sort_unstable();
+    used.dedup();
+    let mut contexts = vec![None; available];
+    for &ordinal in &used {
+        contexts[ordinal] = Some(Raw(primary_context(ordinal)?));
+    }
+    enable_peer_access(&contexts, &used)?;
+
+    let world_size = devices.len();
+    let rank_devices = Arc::new(devices);
     let contexts = Arc::new(contexts);
     local_comms(world_size, timeout)
         .into_iter()
@@ -127,6 +143,16 @@ pub fn cuda_peer_comms(
             })
         })
         .collect()
+}
+
+/// Whether CUDA device `from` can reach the memory of device `to`.
+pub fn can_access_peer(from: usize, to: usize) -> EpResult<bool> {
+    let dev = |d: usize| result::device::get(d as i32).map_err(|e| driver("cuDeviceGet", e));
+    let mut can = 0;
+    unsafe { sys::cuDeviceCanAccessPeer(&mut can, dev(from)?, dev(to)?) }
+        .result()
+        .map_err(|e| driver("cuDeviceCanAccessPeer", e))?;
+    Ok(can != 0)
 }
 
 /// Runs `work` on `world_size` ranks of a cuda-peer transport over every CUDA device
@@ -153,26 +179,19 @@ fn set_current(contexts: &[Option<Raw<sys::CUcontext>>], ordinal: usize) -> EpRe
     unsafe { result::ctx::set_current(ctx.0) }.map_err(|e| driver("cuCtxSetCurrent", e))
 }
 
-/// Peer access between every ordered pair of the first `used` devices: the contexts
+/// Peer access between every ordered pair of the `used` devices: the contexts
 /// (for `cuMemcpyPeerAsync`) and the stream-ordered memory pools CubeCL allocates
 /// from (`cuMemPoolSetAccess`).
-fn enable_peer_access(contexts: &[Option<Raw<sys::CUcontext>>], used: usize) -> EpResult<()> {
-    for from in 0..used {
-        for to in (0..used).filter(|&to| to != from) {
-            let (dev_from, dev_to) = (
-                result::device::get(from as i32).map_err(|e| driver("cuDeviceGet", e))?,
-                result::device::get(to as i32).map_err(|e| driver("cuDeviceGet", e))?,
-            );
-            let mut can = 0;
-            unsafe { sys::cuDeviceCanAccessPeer(&mut can, dev_from, dev_to) }
-                .result()
-                .map_err(|e| driver("cuDeviceCanAccessPeer", e))?;
-            if can == 0 {
+fn enable_peer_access(contexts: &[Option<Raw<sys::CUcontext>>], used: &[usize]) -> EpResult<()> {
+    for &from in used {
+        for &to in used.iter().filter(|&&to| to != from) {
+            if !can_access_peer(from, to)? {
                 return Err(EpError::NoPeerAccess { from, to });
             }
             set_current(contexts, from)?;
             enable_context_access(contexts[to].expect("retained").0)?;
             // Memory of `to`'s pool becomes readable and writable from `from`.
+            let dev_to = result::device::get(to as i32).map_err(|e| driver("cuDeviceGet", e))?;
             let pool = unsafe { result::device::get_mem_pool(dev_to) }
                 .map_err(|e| driver("cuDeviceGetMemPool", e))?;
             let access = sys::CUmemAccessDesc {
@@ -238,44 +257,27 @@ impl CudaPeerComm {
     }
 }
 
-impl DeviceExchange for CudaPeerComm {
-    /// Addresses are device pointers on this rank's device; a zero count needs no
+impl CudaPeerComm {
+    /// Moves one segment to every rank of this transport and receives one from
+    /// each: `send[d]` is the (address, rows) of what goes to rank `d`, `recv[s]`
+    /// where rank `s`'s rows land and how many are expected. A zero count needs no
     /// valid address.
-    fn all_to_all_v(
+    pub(crate) fn exchange_segments(
         &self,
-        send: u64,
-        send_counts: &[usize],
-        recv: u64,
-        recv_counts: &[usize],
+        send: &[(u64, usize)],
+        recv: &[(u64, usize)],
         row_bytes: usize,
     ) -> EpResult<()> {
         let (me, world) = (self.rank(), self.world_size());
-        if send_counts.len() != world || recv_counts.len() != world {
-            return Err(EpError::Transport(format!(
-                "rank {me}: all_to_all_v needs {world} send and receive counts, got {} and {}",
-                send_counts.len(),
-                recv_counts.len()
-            )));
-        }
-        let mut offset = 0u64;
-        let landings = recv_counts
+        let landings = recv
             .iter()
-            .map(|&rows| {
-                let landing = Landing {
-                    address: recv + offset,
-                    rows,
-                };
-                offset += (rows * row_bytes) as u64;
-                landing
-            })
+            .map(|&(address, rows)| Landing { address, rows })
             .collect();
         let landings: Vec<Landing> = self.control.all_to_all(landings)?;
 
         set_current(&self.contexts, self.device())?;
         let mut started = Ok(());
-        let mut source = send;
-        for (dest, (landing, &rows)) in landings.iter().zip(send_counts).enumerate() {
-            let bytes = rows * row_bytes;
+        for (dest, (landing, &(source, rows))) in landings.iter().zip(send).enumerate() {
             if landing.rows != rows {
                 started = Err(EpError::Transport(format!(
                     "rank {me} sends {rows} rows to rank {dest}, which expects {}",
@@ -283,13 +285,12 @@ impl DeviceExchange for CudaPeerComm {
                 )));
                 break;
             }
-            if bytes > 0 {
-                if let Err(e) = self.copy(dest, landing.address, source, bytes) {
+            if rows > 0 {
+                if let Err(e) = self.copy(dest, landing.address, source, rows * row_bytes) {
                     started = Err(e);
                     break;
                 }
             }
-            source += bytes as u64;
         }
         // Wait for whatever was started even after an error: the buffers must not be
         // released under a running copy.
@@ -314,6 +315,38 @@ impl DeviceExchange for CudaPeerComm {
             return Err(EpError::PeerFailed { rank, reason });
         }
         Ok(())
+    }
+}
+
+/// The (address, rows) of each segment of a buffer cut into `counts` rows in order.
+pub(crate) fn segments(base: u64, counts: &[usize], row_bytes: usize) -> Vec<(u64, usize)> {
+    let mut offset = 0u64;
+    counts
+        .iter()
+        .map(|&rows| {
+            let segment = (base + offset, rows);
+            offset += (rows * row_bytes) as u64;
+            segment
+        })
+        .collect()
+}
+
+impl DeviceExchange for CudaPeerComm {
+    /// Addresses are device pointers on this rank's device.
+    fn all_to_all_v(
+        &self,
+        send: u64,
+        send_counts: &[usize],
+        recv: u64,
+        recv_counts: &[usize],
+        row_bytes: usize,
+    ) -> EpResult<()> {
+        check_counts(self.rank(), self.world_size(), send_counts, recv_counts)?;
+        self.exchange_segments(
+            &segments(send, send_counts, row_bytes),
+            &segments(recv, recv_counts, row_bytes),
+            row_bytes,
+        )
     }
 }
 

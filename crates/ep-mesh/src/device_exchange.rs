@@ -20,3 +20,22 @@ pub trait DeviceExchange: Send + Sync {
         row_bytes: usize,
     ) -> EpResult<()>;
 }
+
+/// The check every implementation makes first: one send and one receive count per
+/// rank of the group.
+#[cfg(feature = "cuda")]
+pub(crate) fn check_counts(
+    rank: usize,
+    world: usize,
+    send_counts: &[usize],
+    recv_counts: &[usize],
+) -> EpResult<()> {
+    if send_counts.len() != world || recv_counts.len() != world {
+        return Err(ep_core::EpError::Transport(format!(
+            "rank {rank}: all_to_all_v needs {world} send and receive counts, got {} and {}",
+            send_counts.len(),
+            recv_counts.len()
+        )));
+    }
+    Ok(())
+}

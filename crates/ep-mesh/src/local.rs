@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use ep_core::{EpError, EpResult};
 
+use crate::control::{check_call, Control};
 use crate::Mesh;
 
 /// How long a rank waits for its peers by default.
@@ -226,5 +227,30 @@ impl Drop for LocalComm {
         let mut board = self.fabric.lock();
         board.departed.insert(self.rank(), reason);
         self.fabric.posted.notify_all();
+    }
+}
+
+impl Control for LocalComm {
+    fn rank(&self) -> usize {
+        self.mesh.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.mesh.world_size()
+    }
+
+    fn all_to_all_bytes(&self, send: Vec<Vec<u8>>, recv_lens: &[usize]) -> EpResult<Vec<Vec<u8>>> {
+        let me = self.rank();
+        check_call(me, self.world_size(), &send, recv_lens)?;
+        let received = self.all_to_all(send)?;
+        for (src, (message, &len)) in received.iter().zip(recv_lens).enumerate() {
+            if message.len() != len {
+                return Err(EpError::Transport(format!(
+                    "rank {me} expected {len} bytes from rank {src}, which sent {}",
+                    message.len()
+                )));
+            }
+        }
+        Ok(received)
     }
 }

@@ -37,13 +37,7 @@ impl RendezvousConfig {
         };
         let host = var("MASTER_ADDR")?;
         let port = number("MASTER_PORT")?;
-        let addr = (host.as_str(), port as u16)
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| {
-                EpError::InvalidConfig(format!("MASTER_ADDR {host}:{port} does not resolve"))
-            })?;
+        let addr = Self::resolve(&host, port)?;
         let config = Self {
             addr,
             world_size: number("WORLD_SIZE")?,
@@ -58,6 +52,46 @@ impl RendezvousConfig {
         }
         Ok(config)
     }
+
+    /// The address of `host:port`, or an error naming what does not resolve.
+    pub fn resolve(host: &str, port: usize) -> EpResult<SocketAddr> {
+        let port = u16::try_from(port)
+            .map_err(|_| EpError::InvalidConfig(format!("MASTER_PORT {port} is not a port")))?;
+        (host, port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| {
+                EpError::InvalidConfig(format!("MASTER_ADDR {host}:{port} does not resolve"))
+            })
+    }
+}
+
+/// The whole rendezvous for one process: rank 0 makes the payload with `make` and
+/// hosts (on every interface, at the configured port) while joining like everyone
+/// else; every rank returns the payload. On rank 0 a failed rendezvous returns the
+/// host's error, which names the ranks that never arrived.
+pub fn exchange_payload(
+    config: &RendezvousConfig,
+    make: impl FnOnce() -> EpResult<Vec<u8>>,
+) -> EpResult<Vec<u8>> {
+    if config.rank != 0 {
+        return join(config);
+    }
+    let payload = make()?;
+    let any: SocketAddr = match config.addr {
+        SocketAddr::V4(_) => ([0, 0, 0, 0], config.addr.port()).into(),
+        SocketAddr::V6(_) => ([0u16; 8], config.addr.port()).into(),
+    };
+    let host = RendezvousHost::bind(any, config.world_size, config.timeout)?;
+    let served = std::thread::spawn(move || host.serve(&payload));
+    let joined = join(config);
+    let served = served.join().unwrap_or_else(|_| {
+        Err(EpError::Transport(
+            "rendezvous: the host thread panicked".into(),
+        ))
+    });
+    served.and(joined)
 }
 
 fn io_error(what: &str, e: std::io::Error) -> EpError {

@@ -111,3 +111,54 @@ fn a_silent_rank_times_out_its_peers() {
         );
     }
 }
+
+/// The control channel's messages, on the local transport: words, messages of any
+/// length (a second round moves the lengths), the rank-order all-reduce, and a
+/// receive length that does not match what was sent.
+#[rstest]
+fn control_messages_reach_their_ranks(#[values(1, 3)] world: usize) {
+    use ep_mesh::Control;
+    let results = run_local(world, Duration::from_secs(10), |comm| {
+        let control: &dyn Control = &comm;
+        let me = control.rank() as u64;
+        let words =
+            control.all_to_all_words((0..world as u64).map(|d| vec![me, d, 7]).collect(), 3)?;
+        // Rank s sends s + d bytes of value s to rank d.
+        let messages = control.all_to_all_messages(
+            (0..world)
+                .map(|d| vec![me as u8; me as usize + d])
+                .collect(),
+        )?;
+        control.barrier()?;
+        let values = [me as f32 * 0.1, 1.0 / (me as f32 + 3.0)];
+        let sum = control.all_reduce_sum(&values)?;
+        Ok((words, messages, sum))
+    });
+    // Independent answer: the rank-order sum, computed here.
+    let mut want_sum = [0.0f32; 2];
+    for s in 0..world {
+        want_sum[0] += s as f32 * 0.1;
+        want_sum[1] += 1.0 / (s as f32 + 3.0);
+    }
+    for (me, result) in results.into_iter().enumerate() {
+        let (words, messages, sum) = result.unwrap();
+        for s in 0..world {
+            assert_eq!(words[s], vec![s as u64, me as u64, 7]);
+            assert_eq!(messages[s], vec![s as u8; s + me]);
+        }
+        assert_eq!(sum, want_sum.to_vec(), "bitwise the rank-order sum");
+    }
+}
+
+#[test]
+fn a_control_length_mismatch_is_an_error() {
+    use ep_mesh::Control;
+    let results = run_local(2, Duration::from_secs(10), |comm| {
+        // Each rank expects 4 bytes but sends 3.
+        comm.all_to_all_bytes(vec![vec![1, 2, 3]; 2], &[4, 4])
+    });
+    for result in results {
+        let err = result.unwrap_err();
+        assert!(err.to_string().contains("expected 4 bytes"), "{err}");
+    }
+}

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ep_core::EpError;
-use ep_mesh::rendezvous::{join, RendezvousConfig, RendezvousHost};
+use ep_mesh::rendezvous::{exchange_payload, join, RendezvousConfig, RendezvousHost};
 
 const PAYLOAD: &[u8] = b"\x00\x01nccl-unique-id\xff";
 
@@ -87,6 +87,59 @@ fn a_process_that_never_arrives_times_out_by_name() {
     assert!(err.to_string().contains("[0, 2]"), "{err}");
 }
 
+/// A port nobody listens on (bound, then released).
+fn free_addr() -> SocketAddr {
+    host(1, Duration::from_secs(1)).1
+}
+
+/// Process 0's whole part: it makes the payload, hosts on every interface at the
+/// configured port, and joins; the other processes only join.
+#[test]
+fn process_zero_hosts_and_hands_out_what_it_made() {
+    let addr = free_addr();
+    let children: Vec<Child> = (1..3).map(|r| spawn_rank(addr, r, 3)).collect();
+    let own = RendezvousConfig {
+        addr,
+        world_size: 3,
+        rank: 0,
+        timeout: Duration::from_secs(30),
+    };
+    assert_eq!(
+        exchange_payload(&own, || Ok(PAYLOAD.to_vec())).unwrap(),
+        PAYLOAD
+    );
+    for mut child in children {
+        assert!(child.wait().unwrap().success());
+    }
+}
+
+/// When a process never arrives, process 0's error is the host's, naming it.
+#[test]
+fn process_zero_names_who_never_arrived() {
+    let addr = free_addr();
+    let timeout = Duration::from_secs(3);
+    let mut child = spawn_rank(addr, 2, 4); // ranks 1 and 3 never come
+    let own = RendezvousConfig {
+        addr,
+        world_size: 4,
+        rank: 0,
+        timeout,
+    };
+    let err = exchange_payload(&own, || Ok(PAYLOAD.to_vec())).unwrap_err();
+    assert_eq!(
+        err,
+        EpError::Timeout {
+            rank: 0,
+            waiting_for: vec![1, 3],
+            after: timeout
+        }
+    );
+    assert!(
+        !child.wait().unwrap().success(),
+        "the waiting rank fails too"
+    );
+}
+
 #[test]
 fn a_wrong_world_size_is_refused_by_name() {
     let (host, addr) = host(3, Duration::from_secs(10));
@@ -111,8 +164,7 @@ fn a_wrong_world_size_is_refused_by_name() {
 
 #[test]
 fn joining_without_a_host_times_out() {
-    // Bind then drop to find a port with no listener.
-    let addr = host(1, Duration::from_secs(1)).1;
+    let addr = free_addr();
     let config = RendezvousConfig {
         addr,
         world_size: 2,
