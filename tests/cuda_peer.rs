@@ -55,23 +55,38 @@ mod on_cuda {
     }
 }
 
-/// Without the `cuda` feature the transport is refused by name, not silently
-/// replaced.
+/// Without the `cuda` feature the device transports (cuda-peer, nccl, hierarchical)
+/// are refused by name, not silently replaced.
 #[cfg(not(feature = "cuda"))]
 #[test]
-fn cuda_peer_needs_the_cuda_feature() {
+fn device_transports_need_the_cuda_feature() {
     use burn_ep::{run_ranks, EpConfig, EpError, Transport};
     use common::{NdArray, TIMEOUT};
     let config = EpConfig::new(2, 4, 1, 3);
-    let result = run_ranks::<NdArray, (), _, _>(
+    for transport in [
         Transport::CudaPeer,
-        &config,
-        TIMEOUT,
-        |_, _| Default::default(),
-        |_| Ok(()),
-    );
-    match result {
-        Err(EpError::InvalidConfig(msg)) => assert!(msg.contains("cuda"), "{msg}"),
-        other => panic!("expected InvalidConfig, got {:?}", other.map(|_| ())),
+        Transport::Nccl,
+        Transport::Hierarchical,
+    ] {
+        let result = run_ranks::<NdArray, (), _, _>(
+            transport,
+            &config,
+            TIMEOUT,
+            |_, _| Default::default(),
+            |_| Ok(()),
+        );
+        match result {
+            Err(EpError::InvalidConfig(msg)) => {
+                assert!(
+                    msg.contains(&format!("the {transport} transport needs")),
+                    "{msg}"
+                );
+                assert!(msg.contains("cuda"), "{msg}");
+            }
+            other => panic!(
+                "{transport}: expected InvalidConfig, got {:?}",
+                other.map(|_| ())
+            ),
+        }
     }
 }

@@ -8,7 +8,7 @@ use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_mesh::{Control, LocalComm};
 
 use crate::backend::{float, zeros_tensor, ExpertParallelBackend, PackMeta, RoutePlan};
-use crate::exchange::SharedExchange;
+use crate::exchange::{RowExchange, SharedExchange};
 use crate::routing::Routing;
 
 /// What a recording dispatch returns.
@@ -35,8 +35,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// Joins a group on the local transport: `config.world_size` must match the
     /// transport's, and the rank is taken from the transport.
     pub fn new(config: EpConfig, comm: LocalComm, device: B::Device) -> EpResult<Self> {
-        let comm = Arc::new(comm);
-        Self::with_transport(config, comm.clone(), comm, device)
+        Self::on(config, comm, device)
     }
 
     /// Joins a group on the cuda-peer transport (one process, one thread per rank):
@@ -57,8 +56,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// communicator was made on.
     #[cfg(feature = "cuda")]
     pub fn nccl(config: EpConfig, comm: ep_mesh::NcclComm, device: B::Device) -> EpResult<Self> {
-        let comm = Arc::new(comm);
-        Self::with_transport(config, comm.clone(), comm, device)
+        Self::on(config, comm, device)
     }
 
     /// Joins a hierarchical group: device copies between the ranks of this process,
@@ -67,6 +65,15 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     pub fn hierarchical(
         config: EpConfig,
         comm: ep_mesh::HierarchicalComm,
+        device: B::Device,
+    ) -> EpResult<Self> {
+        Self::on(config, comm, device)
+    }
+
+    /// A transport that carries both the control messages and the rows.
+    fn on<T: Control + RowExchange + 'static>(
+        config: EpConfig,
+        comm: T,
         device: B::Device,
     ) -> EpResult<Self> {
         let comm = Arc::new(comm);

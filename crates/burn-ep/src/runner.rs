@@ -100,12 +100,7 @@ where
         #[cfg(feature = "cuda")]
         Transport::Hierarchical => {
             let world = config.world_size;
-            let local = match std::env::var("BURN_EP_LOCAL_RANKS") {
-                Ok(v) => v.parse().map_err(|_| {
-                    EpError::InvalidConfig(format!("BURN_EP_LOCAL_RANKS={v} is not a number"))
-                })?,
-                Err(_) => (world / 2).max(1),
-            };
+            let local = ep_mesh::Launch::local_ranks_from_env()?.unwrap_or((world / 2).max(1));
             let choice = ep_mesh::IntraProcess::from_env()?;
             ep_mesh::hierarchical::run_simulated_nodes(world, local, choice, timeout, |comm| {
                 // Rank r drives GPU r in a simulated node layout.

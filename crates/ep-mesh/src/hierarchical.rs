@@ -11,7 +11,7 @@ use crate::control::Control;
 use crate::cuda_peer::{can_access_peer, cuda_peer_comms_on, segments, CudaPeerComm};
 use crate::device_exchange::{check_counts, DeviceExchange};
 use crate::local::run_threads;
-use crate::nccl::{NcclComm, Transfer};
+use crate::nccl::{transfers, NcclComm};
 use crate::topology::{choose_routes, IntraProcess, Placement, Routes};
 
 /// One rank's end of a hierarchical group.
@@ -54,24 +54,22 @@ where
     let access = |a: usize, b: usize| can_access_peer(a, b).unwrap_or(false);
     let routes: Routes = choose_routes(placement, first, access, choice)?;
     // The choice is per process: either all its ranks copy between themselves, or
-    // each is alone.
-    // A group that is only this process needs no NCCL, and copies even to itself.
-    let mut peer_comms: Vec<Option<CudaPeerComm>> =
-        if routes.peers.len() > 1 || !routes.needs_nccl() {
-            let devices = routes
-                .peers
-                .iter()
-                .map(|&r| placement.device_of[r])
-                .collect();
-            cuda_peer_comms_on(devices, timeout)?
-                .into_iter()
-                .map(Some)
-                .collect()
-        } else {
-            ranks.iter().map(|_| None).collect()
-        };
-    let units: Vec<(usize, Option<CudaPeerComm>)> =
-        ranks.iter().copied().zip(peer_comms.drain(..)).collect();
+    // each is alone. A group that is only this process needs no NCCL, and copies
+    // even to itself.
+    let peer_comms: Vec<Option<CudaPeerComm>> = if routes.peers.len() > 1 || !routes.needs_nccl() {
+        let devices = routes
+            .peers
+            .iter()
+            .map(|&r| placement.device_of[r])
+            .collect();
+        cuda_peer_comms_on(devices, timeout)?
+            .into_iter()
+            .map(Some)
+            .collect()
+    } else {
+        ranks.iter().map(|_| None).collect()
+    };
+    let units: Vec<(usize, Option<CudaPeerComm>)> = ranks.iter().copied().zip(peer_comms).collect();
     Ok(run_threads(
         units,
         |unit| unit.0,
@@ -173,18 +171,6 @@ impl HierarchicalComm {
         self.world_size
     }
 
-    /// The ranks this one reaches by device copies (itself included).
-    pub fn peer_ranks(&self) -> Vec<usize> {
-        self.peers
-            .as_ref()
-            .map_or_else(|| vec![self.rank], |(members, _)| members.clone())
-    }
-
-    /// Whether rows to some ranks go over NCCL.
-    pub fn uses_nccl(&self) -> bool {
-        self.nccl.is_some()
-    }
-
     fn control(&self) -> &dyn Control {
         match (&self.nccl, &self.peers) {
             (Some(nccl), _) => nccl,
@@ -233,14 +219,11 @@ impl DeviceExchange for HierarchicalComm {
             return peer.exchange_segments(&pick(&send), &pick(&recv), row_bytes);
         };
         // NCCL first (it runs on its own), then the copies, then wait for NCCL.
-        let outside = |list: &[(u64, usize)]| -> Vec<Transfer> {
-            list.iter()
-                .enumerate()
-                .filter(|(r, _)| !members.contains(r))
-                .map(|(r, &(address, rows))| (r, address, rows * row_bytes))
-                .collect()
-        };
-        let (sends, recvs) = (outside(&send), outside(&recv));
+        let outside = |rank: usize| !members.contains(&rank);
+        let (sends, recvs) = (
+            transfers(&send, row_bytes, outside),
+            transfers(&recv, row_bytes, outside),
+        );
         let deadline = Instant::now() + nccl.timeout();
         nccl.start(&sends, &recvs, deadline)?;
         let copied = peer.exchange_segments(&pick(&send), &pick(&recv), row_bytes);

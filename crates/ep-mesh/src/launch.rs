@@ -44,23 +44,17 @@ impl Launch {
         timeout: Duration,
         visible_devices: usize,
     ) -> EpResult<Self> {
-        let number = |name: &str| -> EpResult<Option<usize>> {
-            var(name)
-                .map(|value| {
-                    value.trim().parse().map_err(|_| {
-                        EpError::InvalidConfig(format!("{name}={value} is not a number"))
-                    })
-                })
-                .transpose()
-        };
+        let number = |name: &str| number(name, var(name));
         let required = |name: &str, why: &str| -> EpResult<usize> {
             number(name)?
                 .ok_or_else(|| EpError::InvalidConfig(format!("{name} is not set ({why})")))
         };
-        let (processes, process, local_ranks, local_rank) = match number("RANK")? {
+        // (processes, process, their variables' names, ranks per process, LOCAL_RANK)
+        let (processes, process, names, local_ranks, local_rank) = match number("RANK")? {
             Some(rank) => (
                 required("WORLD_SIZE", "RANK is set: one process per GPU")?,
                 rank,
+                ("RANK", "WORLD_SIZE"),
                 number("BURN_EP_LOCAL_RANKS")?.unwrap_or(1),
                 number("LOCAL_RANK")?.unwrap_or(0),
             ),
@@ -70,14 +64,16 @@ impl Launch {
                 (
                     required("NNODES", "NODE_RANK is set: one process per node")?,
                     node,
+                    ("NODE_RANK", "NNODES"),
                     number("BURN_EP_LOCAL_RANKS")?.unwrap_or(default),
                     0,
                 )
             }
         };
         if process >= processes {
+            let (index, count) = names;
             return Err(EpError::InvalidConfig(format!(
-                "process {process} is outside a group of {processes} processes"
+                "{index} {process} is outside {count} {processes}"
             )));
         }
         if local_ranks == 0 {
@@ -103,6 +99,12 @@ impl Launch {
         })
     }
 
+    /// `BURN_EP_LOCAL_RANKS`, the ranks each process drives, where it is set.
+    pub fn local_ranks_from_env() -> EpResult<Option<usize>> {
+        let name = "BURN_EP_LOCAL_RANKS";
+        number(name, std::env::var(name).ok())
+    }
+
     /// Ranks in the whole group.
     pub fn world_size(&self) -> usize {
         self.processes * self.local_ranks
@@ -122,6 +124,18 @@ impl Launch {
     pub fn process_of(&self, rank: usize) -> usize {
         rank / self.local_ranks
     }
+}
+
+/// The number a variable holds, if it is set; an error naming it if it is no number.
+fn number(name: &str, value: Option<String>) -> EpResult<Option<usize>> {
+    value
+        .map(|value| {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| EpError::InvalidConfig(format!("{name}={value} is not a number")))
+        })
+        .transpose()
 }
 
 #[cfg(test)]
@@ -180,12 +194,16 @@ mod tests {
         assert!(err(&[("RANK", "0"), ("WORLD_SIZE", "2")]).contains("MASTER_ADDR"));
         let mut v = MASTER.to_vec();
         v.extend([("RANK", "2"), ("WORLD_SIZE", "2")]);
-        assert!(err(&v).contains("process 2 is outside a group of 2"));
+        assert!(err(&v).contains("RANK 2 is outside WORLD_SIZE 2"));
         let mut v = MASTER.to_vec();
         v.extend([("RANK", "x"), ("WORLD_SIZE", "2")]);
         assert!(err(&v).contains("RANK=x"));
         let mut v = MASTER.to_vec();
         v.extend([("NODE_RANK", "0")]);
         assert!(err(&v).contains("NNODES"));
+        let mut v = MASTER.to_vec();
+        v.extend([("NODE_RANK", "3"), ("NNODES", "1")]);
+        let err = err(&v);
+        assert!(err.contains("NODE_RANK 3 is outside NNODES 1"), "{err}");
     }
 }

@@ -435,23 +435,20 @@ impl NcclComm {
         })
     }
 
-    /// One all-to-all of device segments, (address, bytes) per rank: NCCL for the
-    /// peers, a device copy for this rank's own segment; returns once the receive
-    /// buffer is complete.
-    fn exchange(&self, send: &[(u64, usize)], recv: &[(u64, usize)]) -> EpResult<()> {
+    /// One all-to-all of device segments, (address, rows of `unit` bytes) per rank:
+    /// NCCL for the peers, a device copy for this rank's own segment; returns once
+    /// the receive buffer is complete.
+    fn exchange(&self, send: &[(u64, usize)], recv: &[(u64, usize)], unit: usize) -> EpResult<()> {
         let deadline = Instant::now() + self.timeout;
         let me = self.rank;
-        let by_nccl = |list: &[(u64, usize)]| -> Vec<Transfer> {
-            list.iter()
-                .enumerate()
-                .filter(|&(peer, _)| peer != me || self.loopback)
-                .map(|(peer, &(address, bytes))| (peer, address, bytes))
-                .collect()
-        };
-        let (sends, recvs) = (by_nccl(send), by_nccl(recv));
+        let by_nccl = |peer: usize| peer != me || self.loopback;
+        let (sends, recvs) = (
+            transfers(send, unit, by_nccl),
+            transfers(recv, unit, by_nccl),
+        );
         self.start(&sends, &recvs, deadline)?;
         if !self.loopback {
-            self.copy_own(recv[me].0, send[me].0, send[me].1)?;
+            self.copy_own(recv[me].0, send[me].0, send[me].1 * unit)?;
         }
         self.finish(&sends, &recvs, deadline)
     }
@@ -473,6 +470,21 @@ impl NcclComm {
             }
         }
     }
+}
+
+/// The NCCL transfers of the segments (address, rows of `unit` bytes) of the ranks
+/// `keep` accepts.
+pub(crate) fn transfers(
+    segments: &[(u64, usize)],
+    unit: usize,
+    keep: impl Fn(usize) -> bool,
+) -> Vec<Transfer> {
+    segments
+        .iter()
+        .enumerate()
+        .filter(|&(peer, _)| keep(peer))
+        .map(|(peer, &(address, rows))| (peer, address, rows * unit))
+        .collect()
 }
 
 /// The peers a grouped call waits on.
@@ -498,15 +510,10 @@ impl DeviceExchange for NcclComm {
         row_bytes: usize,
     ) -> EpResult<()> {
         check_counts(self.rank, self.world_size, send_counts, recv_counts)?;
-        let bytes = |segments: Vec<(u64, usize)>| -> Vec<(u64, usize)> {
-            segments
-                .into_iter()
-                .map(|(address, rows)| (address, rows * row_bytes))
-                .collect()
-        };
         self.exchange(
-            &bytes(segments(send, send_counts, row_bytes)),
-            &bytes(segments(recv, recv_counts, row_bytes)),
+            &segments(send, send_counts, row_bytes),
+            &segments(recv, recv_counts, row_bytes),
+            row_bytes,
         )
     }
 }
@@ -538,6 +545,7 @@ impl Control for NcclComm {
         self.exchange(
             &segments(address, &send_lens, 1),
             &segments(recv_base, recv_lens, 1),
+            1,
         )?;
         let mut incoming = vec![0u8; incoming_len];
         if incoming_len > 0 {
@@ -558,42 +566,25 @@ impl Control for NcclComm {
 
 impl Drop for NcclComm {
     fn drop(&mut self) {
-        let timeout = self.timeout;
-        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut state = self.lock_state();
         let staging = state.staging.take();
-        let aborted = state.aborted.is_some();
         if unsafe { result::ctx::set_current(self.context.0) }.is_err() {
             return;
         }
         if let Some((address, _)) = staging {
             let _ = unsafe { result::free_sync(address) };
         }
-        if !aborted {
-            // A clean end flushes NCCL's work first; one that cannot finish in time
-            // (a peer gone quiet) is aborted instead of hanging the drop.
+        if state.aborted.is_none() {
+            // A clean end flushes NCCL's work first; one that fails or cannot finish
+            // in time (a peer gone quiet) is aborted by `check`/`settle` instead of
+            // hanging the drop.
             let finalized = unsafe { nccl::ncclCommFinalize(self.comm.0) };
-            let deadline = Instant::now() + timeout;
-            let mut clean = matches!(
-                finalized,
-                nccl::ncclResult_t::ncclSuccess | nccl::ncclResult_t::ncclInProgress
-            );
-            while clean {
-                let mut status = nccl::ncclResult_t::ncclInProgress;
-                unsafe { nccl::ncclCommGetAsyncError(self.comm.0, &mut status) };
-                match status {
-                    nccl::ncclResult_t::ncclSuccess => break,
-                    nccl::ncclResult_t::ncclInProgress if Instant::now() < deadline => {
-                        std::thread::yield_now()
-                    }
-                    _ => clean = false,
-                }
-            }
-            unsafe {
-                if clean {
-                    nccl::ncclCommDestroy(self.comm.0);
-                } else {
-                    nccl::ncclCommAbort(self.comm.0);
-                }
+            let deadline = Instant::now() + self.timeout;
+            let _ = self
+                .check(&mut state, "ncclCommFinalize", finalized)
+                .and_then(|_| self.settle(&mut state, "ncclCommFinalize", deadline, Vec::new));
+            if state.aborted.is_none() {
+                unsafe { nccl::ncclCommDestroy(self.comm.0) };
             }
         }
         let _ = unsafe { result::stream::destroy(self.stream.0) };

@@ -24,33 +24,11 @@ pub struct RendezvousConfig {
 }
 
 impl RendezvousConfig {
-    /// From `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE` and `RANK`.
+    /// From `MASTER_ADDR`, `MASTER_PORT`, `WORLD_SIZE` and `RANK` (or `NNODES` and
+    /// `NODE_RANK`): the rendezvous of a [`Launch`](crate::Launch), whose processes
+    /// are the ranks here.
     pub fn from_env(timeout: Duration) -> EpResult<Self> {
-        let var = |name: &str| {
-            std::env::var(name).map_err(|_| EpError::InvalidConfig(format!("{name} is not set")))
-        };
-        let number = |name: &str| -> EpResult<usize> {
-            let value = var(name)?;
-            value
-                .parse()
-                .map_err(|_| EpError::InvalidConfig(format!("{name}={value} is not a number")))
-        };
-        let host = var("MASTER_ADDR")?;
-        let port = number("MASTER_PORT")?;
-        let addr = Self::resolve(&host, port)?;
-        let config = Self {
-            addr,
-            world_size: number("WORLD_SIZE")?,
-            rank: number("RANK")?,
-            timeout,
-        };
-        if config.rank >= config.world_size {
-            return Err(EpError::InvalidConfig(format!(
-                "RANK {} is outside WORLD_SIZE {}",
-                config.rank, config.world_size
-            )));
-        }
-        Ok(config)
+        crate::Launch::from_env(timeout, 1).map(|launch| launch.rendezvous)
     }
 
     /// The address of `host:port`, or an error naming what does not resolve.
