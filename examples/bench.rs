@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
+use burn_ep::{
+    run_ranks, EpConfig, EpGroup, ExchangeOp, ExchangeTag, ExpertParallelBackend, Transport,
+};
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
 const HELP: &str = "bench: time burn-ep's dispatch and combine
@@ -211,6 +213,7 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
             let sent = packed();
             let exchange_once = || {
                 B::ep_exchange(
+                    ExchangeTag::new(plan.handle, ExchangeOp::Rows),
                     sent.clone(),
                     hidden,
                     dtype,

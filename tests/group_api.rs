@@ -10,14 +10,16 @@ use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 use ep_core::{EpConfig, EpError};
 use rstest::rstest;
 
-fn on<R>(
+/// Runs the case on `which`, unless that backend has no device here.
+fn on(
     which: Which,
-    ndarray: impl FnOnce(burn::tensor::Device<NdArray>) -> R,
-    wgpu: impl FnOnce(burn::tensor::Device<Cube>) -> R,
-) -> R {
+    ndarray: impl FnOnce(burn::tensor::Device<NdArray>),
+    wgpu: impl FnOnce(burn::tensor::Device<Cube>),
+) {
     match which {
         Which::NdArray => ndarray(Default::default()),
-        Which::Cube => wgpu(Default::default()),
+        Which::Cube if cube_available() => wgpu(Default::default()),
+        Which::Cube => {}
     }
 }
 

@@ -9,6 +9,7 @@ mod common;
 mod model;
 
 use burn::backend::Autodiff;
+use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use burn_ep::moe::MoeConfig;
 use burn_ep::{run_local, EpConfig, EpGroup, ExpertParallelBackend};
@@ -57,6 +58,9 @@ fn moe_ranks_train_like_one_rank(
     #[values(Which::NdArray, Which::Cube)] which: Which,
     #[values(2, 4)] ranks: usize,
 ) {
+    if !runs_here(which) {
+        return;
+    }
     let config = TrainConfig {
         sgd: true,
         learning_rate: 0.05,
@@ -175,4 +179,187 @@ fn router_aux_loss_and_weights() {
     // routing gives at least that.
     let aux = host(routed.aux_loss.unwrap().reshape([1, 1]))[0];
     assert!(aux >= 0.1 - 1e-6, "aux {aux}");
+}
+
+/// One rank's view of a step: the layer's outputs, and the gradients of the gate and
+/// of this rank's experts.
+#[derive(Debug)]
+struct LayerStep {
+    outs: Vec<Vec<f32>>,
+    /// Per micro-batch, the pairs this rank sent to each expert.
+    loads: Vec<Vec<usize>>,
+    gate: Vec<f32>,
+    /// `w_gate`, `w_up`, `w_down` of this rank's experts, each `[local, .., ..]`.
+    experts: [Vec<f32>; 3],
+}
+
+/// Runs `moe` on `batches[rank]` (micro-batches of `[tokens, H]` values) on every
+/// rank of a group of `batches.len()`, all micro-batches in one graph, one
+/// backward of `sum over micro-batches of |out|²`.
+fn layer_step<B>(moe: &MoeConfig, gate: Option<&[f32]>, batches: &[Vec<Vec<f32>>]) -> Vec<LayerStep>
+where
+    B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend,
+{
+    let world = batches.len();
+    let h = moe.hidden;
+    let config = EpConfig::new(world, moe.num_experts, moe.top_k, h);
+    let device = B::Device::default();
+    run_group::<B, _, _>(&config, &device, |group| {
+        let mut layer = moe.init::<B>(group.rank(), world, 9, &device);
+        if let Some(gate) = gate {
+            let values = TensorData::new(gate.to_vec(), [h, moe.num_experts]);
+            layer.router.gate = Param::from_tensor(Tensor::from_data(values, &device));
+        }
+        let mut loss = Tensor::<B, 1>::zeros([1], &device);
+        let (mut outs, mut loads) = (Vec::new(), Vec::new());
+        for x in &batches[group.rank()] {
+            let x =
+                Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [x.len() / h, h]), &device);
+            let step = layer.forward(x, group)?;
+            loads.push(step.tokens_per_expert);
+            let out = step.out;
+            // On zero rows `out.sum()`: zero, still hanging off the layer's output.
+            loss = loss
+                + match out.dims()[0] {
+                    0 => out.clone().sum(),
+                    _ => (out.clone() * out.clone()).sum(),
+                };
+            outs.push(out);
+        }
+        let grads = loss.backward();
+        // An expert that no row reached (all of them, on a group of one rank with
+        // no tokens) has no gradient: zero.
+        let grad3 = |p: &Param<Tensor<B, 3>>| {
+            p.val()
+                .grad(&grads)
+                .map(host)
+                .unwrap_or_else(|| vec![0.0; p.val().dims().iter().product()])
+        };
+        Ok(LayerStep {
+            outs: outs.into_iter().map(host).collect(),
+            loads,
+            gate: host(layer.router.gate.val().grad(&grads).expect("gate grad")),
+            experts: [
+                grad3(&layer.experts.w_gate),
+                grad3(&layer.experts.w_up),
+                grad3(&layer.experts.w_down),
+            ],
+        })
+    })
+    .into_iter()
+    .enumerate()
+    .map(|(rank, r)| r.unwrap_or_else(|e| panic!("rank {rank}: {e}")))
+    .collect()
+}
+
+/// Each rank of `batches` against the same micro-batches on a group of one rank:
+/// the outputs and the gate's gradient are that rank's own, and each expert's
+/// gradient is the sum of every rank's.
+fn check_against_one_rank<B>(
+    moe: &MoeConfig,
+    gate: Option<&[f32]>,
+    batches: &[Vec<Vec<f32>>],
+) -> Vec<LayerStep>
+where
+    B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend,
+{
+    let ep = layer_step::<B>(moe, gate, batches);
+    let alone: Vec<LayerStep> = batches
+        .iter()
+        .map(|b| layer_step::<B>(moe, gate, std::slice::from_ref(b)).remove(0))
+        .collect();
+    let world = batches.len();
+    for (rank, (e, a)) in ep.iter().zip(&alone).enumerate() {
+        for (m, (got, want)) in e.outs.iter().zip(&a.outs).enumerate() {
+            assert_close(
+                got,
+                want,
+                1e-5,
+                &format!("rank {rank} output of micro-batch {m}"),
+            );
+        }
+        assert_close(&e.gate, &a.gate, 1e-5, &format!("rank {rank} d/dgate"));
+        for (w, got) in e.experts.iter().enumerate() {
+            // Experts are stacked on the first axis: this rank's are its share.
+            let share = got.len();
+            let want: Vec<f32> = (0..share)
+                .map(|i| alone.iter().map(|a| a.experts[w][rank * share + i]).sum())
+                .collect();
+            assert_close(
+                got,
+                &want,
+                1e-5,
+                &format!("rank {rank} d/dexpert weights {w}"),
+            );
+        }
+    }
+    assert_eq!(ep.len(), world);
+    ep
+}
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64::new(seed);
+    (0..n).map(|_| rng.next_f32() - 0.5).collect()
+}
+
+/// A rank with no tokens: the layer returns `[0, H]`, joins every exchange, and the
+/// backward pass completes with the gradients of the one-rank layer.
+#[test]
+fn moe_layer_on_a_rank_with_no_tokens() {
+    no_tokens_on_rank_one(Which::NdArray);
+}
+
+/// The same on the CubeCL backend: the layer's forward and every burn-ep step take
+/// the empty rank, but the loss cannot (see `graph_shapes`).
+#[test]
+#[ignore = "Burn 0.21's CubeCL autodiff cannot reduce a zero-size loss (sum's backward broadcasts [1, 1] against [0, H])"]
+fn moe_layer_on_a_rank_with_no_tokens_on_cube() {
+    if runs_here(Which::Cube) {
+        no_tokens_on_rank_one(Which::Cube);
+    }
+}
+
+fn no_tokens_on_rank_one(which: Which) {
+    let moe = MoeConfig::new(6, 10, 8, 2);
+    let batches = vec![vec![values(5 * 6, 1)], vec![vec![]]];
+    let ep = match which {
+        Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, None, &batches),
+        Which::Cube => check_against_one_rank::<Autodiff<Cube>>(&moe, None, &batches),
+    };
+    assert!(ep[1].outs[0].is_empty(), "rank 1's output is [0, H]");
+}
+
+/// One layer on two micro-batches in one graph, where batch A's tokens all choose
+/// rank 0's experts and batch B's rank 1's (a sigmoid router without
+/// renormalisation, whose gate is set to make that choice): each rank receives
+/// nothing in one micro-batch, so the ranks' graphs differ in depth.
+#[rstest]
+fn moe_layer_on_two_micro_batches(#[values(Which::NdArray, Which::Cube)] which: Which) {
+    if !runs_here(which) {
+        return;
+    }
+    let moe = MoeConfig::new(6, 10, 4, 2)
+        .with_sigmoid_scores(true)
+        .with_renormalize(false);
+    let mut gate = values(6 * 4, 2).iter().map(|v| v * 0.2).collect::<Vec<_>>();
+    gate[..8].copy_from_slice(&[2.0, 2.0, -2.0, -2.0, -2.0, -2.0, 2.0, 2.0]);
+    let token = |lead: [f32; 2], seed: u64| -> Vec<f32> {
+        let mut x = values(6, seed);
+        x[..2].copy_from_slice(&lead);
+        x
+    };
+    let batches: Vec<Vec<Vec<f32>>> = (0..2)
+        .map(|rank| vec![token([1.0, 0.0], 10 + rank), token([0.0, 1.0], 20 + rank)])
+        .collect();
+    let ep = match which {
+        Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, Some(&gate), &batches),
+        Which::Cube => check_against_one_rank::<Autodiff<Cube>>(&moe, Some(&gate), &batches),
+    };
+    for step in &ep {
+        assert_eq!(
+            step.loads,
+            [vec![1, 1, 0, 0], vec![0, 0, 1, 1]],
+            "the gate's choice"
+        );
+    }
 }

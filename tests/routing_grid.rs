@@ -16,6 +16,9 @@ pub fn check_grid(
     pattern: RoutingPattern,
     sentinels: SentinelPattern,
 ) {
+    if !runs_here(which) {
+        return;
+    }
     let batches = synthetic_batches(&config, tokens, pattern, sentinels, 11);
     // Same routing, new payload: only `x` differs (the pattern fixes the token counts).
     let fresh: Vec<RankBatch> = synthetic_batches(&config, tokens, pattern, sentinels, 12)

@@ -2,6 +2,8 @@
 //! plain vectors and Burn tensors.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use burn::tensor::{Int, Tensor, TensorData};
@@ -16,6 +18,64 @@ pub type NdArray = burn::backend::NdArray<f32>;
 pub type Cube = burn::backend::Wgpu<f32, i32>;
 #[cfg(feature = "cuda")]
 pub type Cube = burn::backend::Cuda<f32, i32>;
+
+/// The variable that turns a missing wgpu adapter into a failure (set by CI, which
+/// installs lavapipe, so that CI can never pass by skipping). Read by the tests only.
+pub const REQUIRE_WGPU: &str = "BURN_EP_REQUIRE_WGPU";
+
+static CUBE_SKIPS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether the CubeCL backend under test has a device. Without one (wgpu on a
+/// machine with no Vulkan driver), the caller skips its case: one line says so,
+/// and at the end of the test binary one line counts the skipped cases. With
+/// `BURN_EP_REQUIRE_WGPU=1` a missing adapter fails the case instead.
+pub fn cube_available() -> bool {
+    static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
+    let probe = PROBE.get_or_init(|| {
+        std::panic::catch_unwind(|| {
+            let t = Tensor::<Cube, 1>::zeros([1], &Default::default());
+            t.into_data();
+        })
+        .map_err(|payload| {
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default()
+        })
+    });
+    let Err(why) = probe else {
+        return true;
+    };
+    if std::env::var(REQUIRE_WGPU).is_ok_and(|v| v == "1") {
+        panic!("{REQUIRE_WGPU}=1 but the CubeCL backend has no device: {why}");
+    }
+    eprintln!("skipped: no Vulkan adapter (Debian: apt-get install mesa-vulkan-drivers): {why}");
+    if CUBE_SKIPS.fetch_add(1, Ordering::Relaxed) == 0 {
+        // The harness prints its summary, then exits the process: this runs after.
+        extern "C" fn report() {
+            eprintln!(
+                "skipped {} wgpu case(s): no Vulkan adapter (Debian: apt-get install \
+                 mesa-vulkan-drivers; set {REQUIRE_WGPU}=1 to fail instead)",
+                CUBE_SKIPS.load(Ordering::Relaxed)
+            );
+        }
+        extern "C" {
+            fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
+        }
+        // SAFETY: `report` is a plain function that lives as long as the process.
+        unsafe { atexit(report) };
+    }
+    false
+}
+
+/// Whether a case on `which` can run here (see [`cube_available`]).
+pub fn runs_here(which: Which) -> bool {
+    match which {
+        Which::NdArray => true,
+        Which::Cube => cube_available(),
+    }
+}
 
 /// The backends every routing test runs on: the tensor-op fallback and the kernels.
 #[derive(Debug, Clone, Copy)]
@@ -59,7 +119,7 @@ pub fn ints<B: ExpertParallelBackend>(
     Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
 }
 
-pub fn host<B: ExpertParallelBackend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+pub fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     if t.shape().num_elements() == 0 {
         // CUDA reads a zero-size buffer as bytes whose alignment a cast refuses.
         return Vec::new();
@@ -113,6 +173,41 @@ where
         |group| work(&group),
     )
     .unwrap()
+}
+
+/// The experts of one rank on its expert-major rows: group `j` times its matrix.
+/// With `skip_empty`, zero rows come back as they are (the graph is then shallower
+/// on a rank that received nothing); without, they go through the matmuls too.
+pub fn run_linear_experts<B: ExpertParallelBackend>(
+    rows: Tensor<B, 2>,
+    offsets: &[usize],
+    matrices: &[Tensor<B, 2>],
+    skip_empty: bool,
+) -> Tensor<B, 2> {
+    if rows.dims()[0] == 0 {
+        return match skip_empty {
+            true => rows,
+            false => rows.matmul(matrices[0].clone()),
+        };
+    }
+    let parts = offsets
+        .windows(2)
+        .zip(matrices)
+        .filter(|(o, _)| o[1] > o[0])
+        .map(|(o, m)| rows.clone().narrow(0, o[0], o[1] - o[0]).matmul(m.clone()))
+        .collect();
+    Tensor::cat(parts, 0)
+}
+
+/// `got` equals `want` within `tolerance`, relative to `max(|want|, 1)`.
+pub fn assert_close(got: &[f32], want: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tolerance * w.abs().max(1.0),
+            "{what}[{i}]: {g}, expected {w}"
+        );
+    }
 }
 
 /// A stand-in expert: every row of global expert `e` is scaled by `1 + e / 4`

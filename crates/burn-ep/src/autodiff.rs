@@ -10,13 +10,17 @@
 //!   to the tokens' ranks and is summed there.
 //!
 //! The backward passes never redo layout or the count exchange: the plan (slots,
-//! positions, counts) lives in the backward state, with the exchange. They do move
-//! data between ranks, so every rank must run the same backward graph. A transport
-//! failure inside a backward pass panics (Burn's backward cannot return errors),
-//! naming the failure; forward calls return `EpError`.
+//! positions, counts) lives in the backward state, with the exchange. They move
+//! data between ranks, so every rank runs them in the same order: the reverse of
+//! the forward order, whatever the rest of each rank's graph looks like (see
+//! `crate::order`). Every exchange is checked against its peers' (see
+//! `crate::exchange`); a failure inside a backward pass panics (Burn's backward
+//! cannot return errors), naming the rank, the handle and the cause; forward calls
+//! return `EpError`.
 //!
 //! The plain steps (layout, pack, expand, ...) run on the inner backend, untracked.
 
+use std::any::Any;
 use std::fmt;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -27,10 +31,11 @@ use burn::backend::autodiff::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Tensor, TensorMetadata};
-use ep_core::{EpConfig, EpResult};
+use ep_core::{EpConfig, EpError, EpResult};
 
 use crate::backend::{float, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan};
-use crate::exchange::SharedExchange;
+use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
+use crate::order::PendingToken;
 
 impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for Autodiff<B, C> {
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
@@ -100,6 +105,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
     }
 
     fn ep_exchange(
+        tag: ExchangeTag,
         rows: Option<FloatTensor<Self>>,
         cols: usize,
         dtype: DType,
@@ -110,6 +116,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
     ) -> EpResult<Option<FloatTensor<Self>>> {
         // Not differentiable by itself: the differentiable ops are the routes.
         Ok(B::ep_exchange(
+            tag,
             rows.map(Self::inner),
             cols,
             dtype,
@@ -122,6 +129,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
     }
 
     fn ep_exchange_ints(
+        tag: ExchangeTag,
         ids: Option<IntTensor<Self>>,
         cols: usize,
         send_counts: &[usize],
@@ -129,15 +137,16 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         device: &Self::Device,
         exchange: &SharedExchange,
     ) -> EpResult<Option<IntTensor<Self>>> {
-        B::ep_exchange_ints(ids, cols, send_counts, recv_counts, device, exchange)
+        B::ep_exchange_ints(tag, ids, cols, send_counts, recv_counts, device, exchange)
     }
 
     fn ep_route_rows(
         x: FloatTensor<Self>,
         plan: &Plan<Self>,
         exchange: &SharedExchange,
+        op: ExchangeOp,
     ) -> EpResult<Option<FloatTensor<Self>>> {
-        Ok(B::ep_route_rows(Self::inner(x), plan, exchange)?.map(Self::from_inner))
+        Ok(B::ep_route_rows(Self::inner(x), plan, exchange, op)?.map(Self::from_inner))
     }
 
     fn ep_return_rows(
@@ -146,6 +155,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         dtype: DType,
         plan: &Plan<Self>,
         exchange: &SharedExchange,
+        op: ExchangeOp,
     ) -> EpResult<FloatTensor<Self>> {
         Ok(Self::from_inner(B::ep_return_rows(
             rows.map(Self::inner),
@@ -153,6 +163,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
             dtype,
             plan,
             exchange,
+            op,
         )?))
     }
 
@@ -162,22 +173,13 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         exchange: &SharedExchange,
     ) -> EpResult<FloatTensor<Self>> {
         let out = B::ep_dispatch_rows(x.primitive.clone(), plan, exchange)?;
-        let state = RouteState {
-            plan: plan.clone(),
-            exchange: exchange.clone(),
-            cols: x.shape()[1],
-            dtype: x.dtype(),
-        };
-        Ok(
-            match DispatchRowsBackward
-                .prepare::<C>([x.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(state, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
-        )
+        let anchor = order_anchor(exchange, &x);
+        let state = RouteState::new(plan, exchange, x.shape()[1], x.dtype());
+        let prep = DispatchRowsBackward
+            .prepare::<C>([x.node.clone(), anchor.node])
+            .compute_bound()
+            .stateful();
+        Ok(finish_in_order(prep, state, out, exchange))
     }
 
     fn ep_dispatch_weights(
@@ -189,24 +191,20 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         let dtype = weights.dtype();
         // Every rank records the op, even one that receives nothing, so that every
         // rank's backward takes part in the return exchange.
-        let out = B::ep_route_rows(weights.primitive.clone(), plan, exchange)?
-            .unwrap_or_else(|| zeros::<B>([0, k], &plan.device, dtype));
-        let state = RouteState {
-            plan: plan.clone(),
-            exchange: exchange.clone(),
-            cols: k,
-            dtype,
-        };
-        Ok(Some(
-            match DispatchWeightsBackward
-                .prepare::<C>([weights.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(state, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
-        ))
+        let out = B::ep_route_rows(
+            weights.primitive.clone(),
+            plan,
+            exchange,
+            ExchangeOp::Weights,
+        )?
+        .unwrap_or_else(|| zeros::<B>([0, k], &plan.device, dtype));
+        let anchor = order_anchor(exchange, &weights);
+        let state = RouteState::new(plan, exchange, k, dtype);
+        let prep = DispatchWeightsBackward
+            .prepare::<C>([weights.node.clone(), anchor.node])
+            .compute_bound()
+            .stateful();
+        Ok(Some(finish_in_order(prep, state, out, exchange)))
     }
 
     fn ep_combine_rows(
@@ -214,6 +212,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         weights: Option<FloatTensor<Self>>,
         plan: &Plan<Self>,
         exchange: &SharedExchange,
+        op: ExchangeOp,
     ) -> EpResult<FloatTensor<Self>> {
         let weights = weights
             .unwrap_or_else(|| Self::from_inner(zeros::<B>([0, 1], &plan.device, y.dtype())));
@@ -223,30 +222,80 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
             received.then(|| weights.primitive.clone()),
             plan,
             exchange,
+            op,
         )?;
         let (y_tracked, w_tracked) = (y.is_tracked(), weights.is_tracked());
+        let anchor = order_anchor(exchange, &y);
         let state = CombineState {
-            route: RouteState {
-                plan: plan.clone(),
-                exchange: exchange.clone(),
-                cols: y.shape()[1],
-                dtype: y.dtype(),
-            },
+            route: RouteState::new(plan, exchange, y.shape()[1], y.dtype()),
             y: w_tracked.then(|| y.primitive.clone()),
             weights: weights.primitive.clone(),
             y_tracked,
         };
-        Ok(
-            match CombineBackward
-                .prepare::<C>([y.node.clone(), weights.node.clone()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(state, out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            },
-        )
+        let prep = CombineBackward
+            .prepare::<C>([y.node.clone(), weights.node.clone(), anchor.node])
+            .compute_bound()
+            .stateful();
+        Ok(finish_in_order(prep, state, out, exchange))
     }
+}
+
+/// An extra, untracked parent for a new operation's node, one level below the
+/// group's latest operation still awaiting its backward pass, so that the new node
+/// runs backward before it on every rank (see `crate::order`). Without a pending
+/// operation, a depth-0 leaf that changes nothing.
+/// (The tensor type is Burn's autodiff tensor, the same for every checkpointing
+/// strategy.)
+fn order_anchor<B: ExpertParallelBackend>(
+    exchange: &SharedExchange,
+    like: &FloatTensor<Autodiff<B>>,
+) -> FloatTensor<Autodiff<B>> {
+    let leaf = <FloatTensor<Autodiff<B>>>::new(like.primitive.clone());
+    let Some(latest) = exchange.order().pending() else {
+        return leaf;
+    };
+    let latest = downcast_like(&like.node, latest.as_ref())
+        .expect("a group's backward order holds autodiff nodes");
+    <FloatTensor<Autodiff<B>>>::from_parents(
+        like.primitive.clone(),
+        std::slice::from_ref(latest),
+        leaf.node.requirement,
+        leaf.node.properties.clone(),
+    )
+}
+
+/// `value` as the type of `_like` (a type Burn does not let other crates name).
+fn downcast_like<'a, T: 'static>(_like: &T, value: &'a (dyn Any + Send + Sync)) -> Option<&'a T> {
+    value.downcast_ref::<T>()
+}
+
+/// Finishes an operation; a tracked one joins the group's backward order.
+fn finish_in_order<BO, B, S, C, const N: usize>(
+    prep: OpsKind<BO, B, S, C, N>,
+    state: S,
+    out: FloatTensor<B>,
+    exchange: &SharedExchange,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: ExpertParallelBackend,
+    C: CheckpointStrategy,
+    S: Pending + Clone + Send + fmt::Debug + 'static,
+    BO: Backward<B, N, State = S>,
+{
+    match prep {
+        OpsKind::Tracked(prep) => {
+            let token = state.token().clone();
+            let output = prep.finish(state, out);
+            exchange.order().record(output.node.clone(), &token);
+            output
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
+}
+
+/// Backward states that hold the pending token of their operation.
+trait Pending {
+    fn token(&self) -> &PendingToken;
 }
 
 /// What a backward pass needs to move a gradient along (or back along) a route.
@@ -257,11 +306,32 @@ struct RouteState<B: ExpertParallelBackend> {
     /// Columns of the forward input (hidden size, or top-k for weights).
     cols: usize,
     dtype: DType,
+    /// Alive until this backward step has run (see `crate::order`).
+    pending: PendingToken,
+}
+
+impl<B: ExpertParallelBackend> RouteState<B> {
+    fn new(plan: &Plan<B>, exchange: &SharedExchange, cols: usize, dtype: DType) -> Self {
+        Self {
+            plan: plan.clone(),
+            exchange: exchange.clone(),
+            cols,
+            dtype,
+            pending: PendingToken::default(),
+        }
+    }
+}
+
+impl<B: ExpertParallelBackend> Pending for RouteState<B> {
+    fn token(&self) -> &PendingToken {
+        &self.pending
+    }
 }
 
 impl<B: ExpertParallelBackend> fmt::Debug for RouteState<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RouteState")
+            .field("handle", &self.plan.handle)
             .field("send_counts", &self.plan.send_counts)
             .field("recv_counts", &self.plan.recv_counts)
             .field("cols", &self.cols)
@@ -279,19 +349,32 @@ struct CombineState<B: ExpertParallelBackend> {
     y_tracked: bool,
 }
 
-fn backward_failed(what: &str, error: ep_core::EpError) -> ! {
-    panic!("burn-ep: the backward pass of {what} could not move its gradient: {error}")
+impl<B: ExpertParallelBackend> Pending for CombineState<B> {
+    fn token(&self) -> &PendingToken {
+        &self.route.pending
+    }
+}
+
+/// A backward pass cannot return an error: a failed exchange panics, naming the
+/// rank, the handle and what went wrong (a mismatch names what differed).
+fn backward_failed<B: ExpertParallelBackend>(what: &str, s: &RouteState<B>, error: EpError) -> ! {
+    let rank = s.exchange.control().rank();
+    panic!(
+        "burn-ep: rank {rank}: the backward pass of {what} (handle {}) could not move its \
+         gradient: {error}",
+        s.plan.handle
+    )
 }
 
 /// dispatch (x → expert-major rows): the gradient is an unweighted combine.
 #[derive(Debug)]
 struct DispatchRowsBackward;
 
-impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchRowsBackward {
+impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchRowsBackward {
     type State = RouteState<B>;
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent, _anchor] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
         let unit = s.plan.positions.as_ref().map(|positions| {
@@ -300,8 +383,8 @@ impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchRowsBackward {
                 .into_primitive()
                 .tensor()
         });
-        let grad_x = B::ep_combine_rows(grad, unit, &s.plan, &s.exchange)
-            .unwrap_or_else(|e| backward_failed("dispatch", e));
+        let grad_x = B::ep_combine_rows(grad, unit, &s.plan, &s.exchange, ExchangeOp::RowsGrad)
+            .unwrap_or_else(|e| backward_failed("dispatch", &s, e));
         if let Some(parent) = parent {
             grads.register::<B>(parent.id, grad_x);
         }
@@ -312,11 +395,11 @@ impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchRowsBackward {
 #[derive(Debug)]
 struct DispatchWeightsBackward;
 
-impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchWeightsBackward {
+impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchWeightsBackward {
     type State = RouteState<B>;
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [parent] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent, _anchor] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
         let received = s.plan.received_rows() > 0;
@@ -326,8 +409,9 @@ impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchWeightsBackward {
             s.dtype,
             &s.plan,
             &s.exchange,
+            ExchangeOp::WeightsGrad,
         )
-        .unwrap_or_else(|e| backward_failed("the weights' dispatch", e));
+        .unwrap_or_else(|e| backward_failed("the weights' dispatch", &s, e));
         if let Some(parent) = parent {
             grads.register::<B>(parent.id, grad_w);
         }
@@ -339,11 +423,11 @@ impl<B: ExpertParallelBackend> Backward<B, 1> for DispatchWeightsBackward {
 #[derive(Debug)]
 struct CombineBackward;
 
-impl<B: ExpertParallelBackend> Backward<B, 2> for CombineBackward {
+impl<B: ExpertParallelBackend> Backward<B, 3> for CombineBackward {
     type State = CombineState<B>;
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [y_parent, w_parent] = ops.parents;
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [y_parent, w_parent, _anchor] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let CombineState {
             route: s,
@@ -351,8 +435,8 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for CombineBackward {
             weights,
             y_tracked,
         } = ops.state;
-        let received = B::ep_route_rows(grad, &s.plan, &s.exchange)
-            .unwrap_or_else(|e| backward_failed("combine", e));
+        let received = B::ep_route_rows(grad, &s.plan, &s.exchange, ExchangeOp::CombineGrad)
+            .unwrap_or_else(|e| backward_failed("combine", &s, e));
         let weights_t = float::<B, 2>(weights.clone());
         let [rows, k] = weights_t.dims();
         let p = s.plan.padded_rows;

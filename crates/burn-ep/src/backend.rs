@@ -21,13 +21,16 @@ use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
 use ep_core::layout::SendLayout;
 use ep_core::{validate, EpConfig, EpResult};
 
-use crate::exchange::{host_exchange, host_exchange_ints, SharedExchange};
+use crate::exchange::{host_exchange, host_exchange_ints, ExchangeOp, ExchangeTag, SharedExchange};
 
 /// The device side of a routing handle: what moving a payload along the route
 /// needs, in forward and backward passes alike. Generic over the int primitive and
 /// device types so that an autodiff backend and its inner backend share it.
 #[derive(Debug, Clone)]
 pub struct RoutePlan<I, D> {
+    /// The handle's number in its group (recording dispatches in order, so the same
+    /// on every rank): what its exchanges are checked against.
+    pub handle: u64,
     /// Tokens after sequence-parallel padding.
     pub tokens: usize,
     pub send_counts: Vec<usize>,
@@ -289,38 +292,44 @@ pub trait ExpertParallelBackend: Backend {
     /// `send_counts` rows each): returns what the ranks sent here, `[R, C]` in
     /// source-rank order with `recv_counts` rows each (`None` when nothing came).
     /// The default moves host data; CubeCL backends use a transport's device path
-    /// where it has one.
+    /// where it has one. Every rank checks first that its peers are making the
+    /// exchange `tag` names, with the row counts it expects.
+    #[allow(clippy::too_many_arguments)]
     fn ep_exchange(
+        tag: ExchangeTag,
         rows: Option<FloatTensor<Self>>,
         _cols: usize,
         dtype: DType,
         send_counts: &[usize],
-        _recv_counts: &[usize],
+        recv_counts: &[usize],
         device: &Self::Device,
         exchange: &SharedExchange,
     ) -> EpResult<Option<FloatTensor<Self>>> {
-        host_exchange::<Self>(rows, dtype, send_counts, device, exchange)
+        host_exchange::<Self>(tag, rows, dtype, send_counts, recv_counts, device, exchange)
     }
 
     /// [`Self::ep_exchange`] for int rows (the routing metadata of a recording
     /// dispatch).
     fn ep_exchange_ints(
+        tag: ExchangeTag,
         ids: Option<IntTensor<Self>>,
         _cols: usize,
         send_counts: &[usize],
-        _recv_counts: &[usize],
+        recv_counts: &[usize],
         device: &Self::Device,
         exchange: &SharedExchange,
     ) -> EpResult<Option<IntTensor<Self>>> {
-        host_exchange_ints::<Self>(ids, send_counts, device, exchange)
+        host_exchange_ints::<Self>(tag, ids, send_counts, recv_counts, device, exchange)
     }
 
     /// Route rows: `x [T, C]` packed and sent along the route; returns the received
-    /// rows `[R, C]` in source-rank order (`None` when nothing was received).
+    /// rows `[R, C]` in source-rank order (`None` when nothing was received). `op`
+    /// names the exchange for the peers' check.
     fn ep_route_rows(
         x: FloatTensor<Self>,
         plan: &Plan<Self>,
         exchange: &SharedExchange,
+        op: ExchangeOp,
     ) -> EpResult<Option<FloatTensor<Self>>> {
         let x_t = float::<Self, 2>(x.clone());
         let (cols, dtype) = (x_t.dims()[1], x_t.dtype());
@@ -331,6 +340,7 @@ pub trait ExpertParallelBackend: Backend {
             _ => None,
         };
         Self::ep_exchange(
+            ExchangeTag::new(plan.handle, op),
             packed,
             cols,
             dtype,
@@ -350,8 +360,10 @@ pub trait ExpertParallelBackend: Backend {
         dtype: DType,
         plan: &Plan<Self>,
         exchange: &SharedExchange,
+        op: ExchangeOp,
     ) -> EpResult<FloatTensor<Self>> {
         let back = Self::ep_exchange(
+            ExchangeTag::new(plan.handle, op),
             rows,
             cols,
             dtype,
@@ -375,7 +387,7 @@ pub trait ExpertParallelBackend: Backend {
     ) -> EpResult<FloatTensor<Self>> {
         let x_t = float::<Self, 2>(x.clone());
         let (hidden, dtype) = (x_t.dims()[1], x_t.dtype());
-        let received = Self::ep_route_rows(x, plan, exchange)?;
+        let received = Self::ep_route_rows(x, plan, exchange, ExchangeOp::Rows)?;
         Ok(match (received, &plan.positions) {
             (Some(rows), Some(positions)) => {
                 Self::ep_expand(rows, positions.clone(), plan.padded_rows)
@@ -391,16 +403,18 @@ pub trait ExpertParallelBackend: Backend {
         plan: &Plan<Self>,
         exchange: &SharedExchange,
     ) -> EpResult<Option<FloatTensor<Self>>> {
-        Self::ep_route_rows(weights, plan, exchange)
+        Self::ep_route_rows(weights, plan, exchange, ExchangeOp::Weights)
     }
 
     /// Combine along a recorded route: expert outputs `y [P, H]` and received weights
-    /// `[R, K]` to `[T, H]` (reduce, then return).
+    /// `[R, K]` to `[T, H]` (reduce, then return). `op` names the exchange: a
+    /// combine, or the backward of a dispatch.
     fn ep_combine_rows(
         y: FloatTensor<Self>,
         weights: Option<FloatTensor<Self>>,
         plan: &Plan<Self>,
         exchange: &SharedExchange,
+        op: ExchangeOp,
     ) -> EpResult<FloatTensor<Self>> {
         let y_t = float::<Self, 2>(y.clone());
         let (hidden, dtype) = (y_t.dims()[1], y_t.dtype());
@@ -410,7 +424,7 @@ pub trait ExpertParallelBackend: Backend {
             }
             _ => None,
         };
-        Self::ep_return_rows(reduced, hidden, dtype, plan, exchange)
+        Self::ep_return_rows(reduced, hidden, dtype, plan, exchange, op)
     }
 }
 

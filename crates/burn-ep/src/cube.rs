@@ -17,7 +17,7 @@ use ep_kernels::{expand, layout, pack, reduce, slots, sum};
 
 use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed};
 use crate::cube_exchange::device_exchange;
-use crate::exchange::{host_exchange, host_exchange_ints, SharedExchange};
+use crate::exchange::{host_exchange, host_exchange_ints, ExchangeTag, SharedExchange};
 
 /// Units per cube for kernels with one unit per element.
 const ELEMENT_BLOCK: u32 = 256;
@@ -88,6 +88,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
     }
 
     fn ep_exchange(
+        tag: ExchangeTag,
         rows: Option<FloatTensor<Self>>,
         cols: usize,
         dtype: DType,
@@ -96,21 +97,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         device: &Self::Device,
         exchange: &SharedExchange,
     ) -> EpResult<Option<FloatTensor<Self>>> {
-        match exchange.device() {
-            Some(transport) => device_exchange::<R>(
-                rows,
-                cols,
-                dtype,
-                send_counts,
-                recv_counts,
-                device,
-                transport,
-            ),
-            None => host_exchange::<Self>(rows, dtype, send_counts, device, exchange),
+        if exchange.has_device_path() {
+            let counts = (send_counts, recv_counts);
+            device_exchange::<R>(tag, rows, cols, dtype, counts, device, exchange)
+        } else {
+            host_exchange::<Self>(tag, rows, dtype, send_counts, recv_counts, device, exchange)
         }
     }
 
     fn ep_exchange_ints(
+        tag: ExchangeTag,
         ids: Option<IntTensor<Self>>,
         cols: usize,
         send_counts: &[usize],
@@ -118,17 +114,11 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         device: &Self::Device,
         exchange: &SharedExchange,
     ) -> EpResult<Option<IntTensor<Self>>> {
-        match exchange.device() {
-            Some(transport) => device_exchange::<R>(
-                ids,
-                cols,
-                I::dtype(),
-                send_counts,
-                recv_counts,
-                device,
-                transport,
-            ),
-            None => host_exchange_ints::<Self>(ids, send_counts, device, exchange),
+        if exchange.has_device_path() {
+            let counts = (send_counts, recv_counts);
+            device_exchange::<R>(tag, ids, cols, I::dtype(), counts, device, exchange)
+        } else {
+            host_exchange_ints::<Self>(tag, ids, send_counts, recv_counts, device, exchange)
         }
     }
 

@@ -8,20 +8,20 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use ep_core::{EpError, EpResult};
-use ep_mesh::DeviceExchange;
 
 use crate::cube::alloc;
+use crate::exchange::{ExchangeTag, SharedExchange};
 
 /// Moves `send` (`[S, cols]`, segments in rank order) through `exchange`; returns the
 /// received `[R, cols]` rows, `None` when nothing came.
 pub(crate) fn device_exchange<R: CubeRuntime>(
+    tag: ExchangeTag,
     send: Option<CubeTensor<R>>,
     cols: usize,
     dtype: DType,
-    send_counts: &[usize],
-    recv_counts: &[usize],
+    (send_counts, recv_counts): (&[usize], &[usize]),
     device: &R::Device,
-    exchange: &dyn DeviceExchange,
+    exchange: &SharedExchange,
 ) -> EpResult<Option<CubeTensor<R>>> {
     let client = R::client(device);
     let send = send.map(into_contiguous);
@@ -33,7 +33,8 @@ pub(crate) fn device_exchange<R: CubeRuntime>(
         .map_err(|e| EpError::Transport(format!("synchronising before the exchange: {e:?}")))?;
     let send_ptr = send.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
     let recv_ptr = recv.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
-    exchange.all_to_all_v(
+    exchange.device_all_to_all(
+        tag,
         send_ptr,
         send_counts,
         recv_ptr,

@@ -1,17 +1,25 @@
 //! The all-to-all-v of row segments, as the ops see it: a send buffer goes out in
 //! per-rank segments, the received rows come back in source-rank order. Forward
-//! passes and backward passes call it alike, so it lives behind a trait object the
-//! backward state can hold.
+//! passes and backward passes call it alike, so it lives in [`SharedExchange`], which
+//! routing handles and backward states hold.
+//!
+//! Every exchange is checked before anything moves: each rank tells each peer which
+//! handle and operation it is making (an [`ExchangeTag`]) and how many rows it will
+//! send, and the peer compares that with its own call. Two ranks that reach
+//! different collectives at the same point get [`EpError::ExchangeMismatch`], never
+//! rows of another route.
 
+use std::fmt;
 use std::sync::Arc;
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use ep_core::EpResult;
-use ep_mesh::{DeviceExchange, LocalComm};
+use ep_core::{EpError, EpResult};
+use ep_mesh::{Control, DeviceExchange, LocalComm};
 
 use crate::backend::{float, int, upload};
+use crate::order::BackwardOrder;
 use crate::transfer::{concat_rows, split_rows};
 
 /// Moves rows between the ranks of a group.
@@ -94,33 +102,218 @@ macro_rules! device_only_exchange {
 #[cfg(feature = "cuda")]
 device_only_exchange!(ep_mesh::NcclComm, ep_mesh::HierarchicalComm);
 
+/// Which collective an exchange belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u64)]
+pub enum ExchangeOp {
+    /// The count exchange of a recording dispatch.
+    Counts = 1,
+    /// The destination-local expert ids of a recording dispatch.
+    ExpertIds,
+    /// The payload rows of a dispatch or a cached dispatch.
+    Rows,
+    /// The top-k weights of a recording dispatch.
+    Weights,
+    /// The reduced rows of a combine, going back.
+    Combine,
+    /// The backward of a dispatch's rows (an unweighted combine of the gradient).
+    RowsGrad,
+    /// The backward of the weights' route (the gradient returns).
+    WeightsGrad,
+    /// The backward of a combine (a dispatch of the gradient).
+    CombineGrad,
+    /// A group barrier.
+    Barrier,
+    /// A group all-reduce.
+    AllReduce,
+}
+
+impl ExchangeOp {
+    const ALL: [ExchangeOp; 10] = [
+        Self::Counts,
+        Self::ExpertIds,
+        Self::Rows,
+        Self::Weights,
+        Self::Combine,
+        Self::RowsGrad,
+        Self::WeightsGrad,
+        Self::CombineGrad,
+        Self::Barrier,
+        Self::AllReduce,
+    ];
+
+    fn from_word(word: u64) -> Option<Self> {
+        Self::ALL.into_iter().find(|op| *op as u64 == word)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Counts => "the count exchange of dispatch",
+            Self::ExpertIds => "the expert ids of dispatch",
+            Self::Rows => "the rows of dispatch",
+            Self::Weights => "the weights of dispatch",
+            Self::Combine => "combine",
+            Self::RowsGrad => "the backward of dispatch",
+            Self::WeightsGrad => "the backward of the weights' dispatch",
+            Self::CombineGrad => "the backward of combine",
+            Self::Barrier => "a barrier",
+            Self::AllReduce => "an all-reduce",
+        }
+    }
+}
+
+/// The identity of one exchange: the routing handle (numbered by the group, in the
+/// order of recording dispatches, so equal on every rank) and the operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExchangeTag {
+    pub handle: u64,
+    pub op: ExchangeOp,
+}
+
+impl ExchangeTag {
+    pub fn new(handle: u64, op: ExchangeOp) -> Self {
+        Self { handle, op }
+    }
+}
+
+impl fmt::Display for ExchangeTag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.op {
+            ExchangeOp::Barrier | ExchangeOp::AllReduce => f.write_str(self.op.name()),
+            op => write!(f, "{} (handle {})", op.name(), self.handle),
+        }
+    }
+}
+
+/// What a peer said it was doing, for the error message.
+fn describe(words: &[u64]) -> String {
+    match ExchangeOp::from_word(words[1]) {
+        Some(op) => format!("{} with {} rows", ExchangeTag::new(words[0], op), words[2]),
+        None => format!("an unknown message {words:?}"),
+    }
+}
+
+/// A group's transports, as routing handles and backward passes hold them: the
+/// control channel (counts, checks), the row transport, and the order in which the
+/// group's differentiable operations run backward.
+#[derive(Clone)]
+pub struct SharedExchange(Arc<Link>);
+
+struct Link {
+    control: Arc<dyn Control>,
+    rows: Arc<dyn RowExchange>,
+    order: BackwardOrder,
+}
+
+impl SharedExchange {
+    pub(crate) fn new(control: Arc<dyn Control>, rows: Arc<dyn RowExchange>) -> Self {
+        Self(Arc::new(Link {
+            control,
+            rows,
+            order: BackwardOrder::default(),
+        }))
+    }
+
+    pub(crate) fn control(&self) -> &dyn Control {
+        self.0.control.as_ref()
+    }
+
+    pub(crate) fn order(&self) -> &BackwardOrder {
+        &self.0.order
+    }
+
+    /// Whether rows move between device buffers (CUDA transports) rather than as
+    /// host data.
+    pub fn has_device_path(&self) -> bool {
+        self.0.rows.device().is_some()
+    }
+
+    /// Tells every peer what this rank is about to exchange and checks that each
+    /// peer is making the same exchange, with the row count this rank expects from
+    /// it. Nothing has moved when this fails.
+    pub fn check_pairing(
+        &self,
+        tag: ExchangeTag,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> EpResult<()> {
+        let control = self.control();
+        let words = send_counts
+            .iter()
+            .map(|&rows| vec![tag.handle, tag.op as u64, rows as u64])
+            .collect();
+        let received = control.all_to_all_words(words, 3)?;
+        for (peer, (words, &expected_rows)) in received.iter().zip(recv_counts).enumerate() {
+            if words[..2] != [tag.handle, tag.op as u64] || words[2] != expected_rows as u64 {
+                return Err(EpError::ExchangeMismatch {
+                    rank: control.rank(),
+                    peer,
+                    expected: format!("{tag} with {expected_rows} rows"),
+                    got: describe(words),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The checked host path: `rows` (`send_counts` rows per rank) out, what came in.
+    pub fn exchange_rows(
+        &self,
+        tag: ExchangeTag,
+        rows: Option<TensorData>,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+    ) -> EpResult<Option<TensorData>> {
+        self.check_pairing(tag, send_counts, recv_counts)?;
+        self.0.rows.exchange_rows(rows, send_counts)
+    }
+
+    /// The checked device path (see [`DeviceExchange::all_to_all_v`]).
+    pub fn device_all_to_all(
+        &self,
+        tag: ExchangeTag,
+        send: u64,
+        send_counts: &[usize],
+        recv: u64,
+        recv_counts: &[usize],
+        row_bytes: usize,
+    ) -> EpResult<()> {
+        let transport = self.0.rows.device().ok_or_else(|| {
+            EpError::Transport("this transport has no device path for rows".into())
+        })?;
+        self.check_pairing(tag, send_counts, recv_counts)?;
+        transport.all_to_all_v(send, send_counts, recv, recv_counts, row_bytes)
+    }
+}
+
 /// The host path of a float exchange: read the send buffer, move host data, upload
 /// what came.
 pub(crate) fn host_exchange<B: Backend>(
+    tag: ExchangeTag,
     rows: Option<FloatTensor<B>>,
     dtype: DType,
     send_counts: &[usize],
+    recv_counts: &[usize],
     device: &B::Device,
     exchange: &SharedExchange,
 ) -> EpResult<Option<FloatTensor<B>>> {
     let data = rows.map(|r| float::<B, 2>(r).into_data());
     Ok(exchange
-        .exchange_rows(data, send_counts)?
+        .exchange_rows(tag, data, send_counts, recv_counts)?
         .map(|d| upload::<B>(d, device, dtype)))
 }
 
 /// The host path of an int exchange.
 pub(crate) fn host_exchange_ints<B: Backend>(
+    tag: ExchangeTag,
     ids: Option<IntTensor<B>>,
     send_counts: &[usize],
+    recv_counts: &[usize],
     device: &B::Device,
     exchange: &SharedExchange,
 ) -> EpResult<Option<IntTensor<B>>> {
     let data = ids.map(|r| int::<B, 2>(r).into_data());
     Ok(exchange
-        .exchange_rows(data, send_counts)?
+        .exchange_rows(tag, data, send_counts, recv_counts)?
         .map(|d| Tensor::<B, 2, Int>::from_data(d, device).into_primitive()))
 }
-
-/// A shareable exchange, as held by routing handles and backward passes.
-pub type SharedExchange = Arc<dyn RowExchange>;

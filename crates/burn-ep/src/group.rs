@@ -1,5 +1,6 @@
 //! `EpGroup`: dispatch, cached dispatch and combine for one rank of a group.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use burn::tensor::{DType, Int, Tensor};
@@ -8,7 +9,7 @@ use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_mesh::{Control, LocalComm};
 
 use crate::backend::{float, zeros_tensor, ExpertParallelBackend, PackMeta, RoutePlan};
-use crate::exchange::{RowExchange, SharedExchange};
+use crate::exchange::{ExchangeOp, ExchangeTag, RowExchange, SharedExchange};
 use crate::routing::Routing;
 
 /// What a recording dispatch returns.
@@ -26,9 +27,10 @@ pub struct Dispatched<B: ExpertParallelBackend> {
 /// One rank's member of an expert-parallel group.
 pub struct EpGroup<B: ExpertParallelBackend> {
     config: EpConfig,
-    control: Arc<dyn Control>,
     exchange: SharedExchange,
     device: B::Device,
+    /// Recording dispatches so far: the next handle's number.
+    handles: AtomicU64,
 }
 
 impl<B: ExpertParallelBackend> EpGroup<B> {
@@ -80,11 +82,11 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         Self::with_transport(config, comm.clone(), comm, device)
     }
 
-    /// `control` carries the count exchange and barriers, `exchange` the rows.
+    /// `control` carries the count exchange, checks and barriers, `rows` the rows.
     fn with_transport(
         config: EpConfig,
         control: Arc<dyn Control>,
-        exchange: SharedExchange,
+        rows: Arc<dyn RowExchange>,
         device: B::Device,
     ) -> EpResult<Self> {
         if config.world_size != control.world_size() {
@@ -98,9 +100,9 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         config.validate()?;
         Ok(Self {
             config,
-            exchange,
-            control,
+            exchange: SharedExchange::new(control, rows),
             device,
+            handles: AtomicU64::new(0),
         })
     }
 
@@ -128,13 +130,24 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// Sums `values` over the ranks of the group, in rank order (so every rank gets
     /// bitwise the same result): the all-reduce of dense gradients and loads.
     pub fn all_reduce_sum(&self, values: Vec<f32>) -> EpResult<Vec<f32>> {
-        self.control.all_reduce_sum(&values)
+        self.check_group_call(ExchangeOp::AllReduce, values.len())?;
+        self.exchange.control().all_reduce_sum(&values)
     }
 
     /// Returns once every rank of the group has called it (or with the error that
     /// a failed or silent peer gives).
     pub fn barrier(&self) -> EpResult<()> {
-        self.control.barrier()
+        self.check_group_call(ExchangeOp::Barrier, 0)
+    }
+
+    /// Checks that every rank makes the same group call, with the same length.
+    fn check_group_call(&self, op: ExchangeOp, len: usize) -> EpResult<()> {
+        let world = self.config.world_size;
+        self.exchange.check_pairing(
+            ExchangeTag::new(0, op),
+            &vec![len; world],
+            &vec![len; world],
+        )
     }
 
     /// Sends every token to the ranks that hold its experts and returns the rows
@@ -180,20 +193,9 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         };
 
         // Count exchange: rows, and rows per expert, that each rank will receive.
+        let handle = self.handles.fetch_add(1, Ordering::Relaxed);
         let local = c.experts_per_rank();
-        // Each peer is told [rows, rows for each of its local experts].
-        let counts = send_counts
-            .iter()
-            .enumerate()
-            .map(|(d, &rows)| {
-                let per_expert = &tokens_per_expert[d * local..(d + 1) * local];
-                std::iter::once(rows)
-                    .chain(per_expert.iter().copied())
-                    .map(|n| n as u64)
-                    .collect()
-            })
-            .collect();
-        let received = self.control.all_to_all_words(counts, 1 + local)?;
+        let received = self.exchange_counts(handle, &send_counts, &tokens_per_expert)?;
         let recv_counts: Vec<usize> = received.iter().map(|m| m[0] as usize).collect();
         let expert_counts: Vec<usize> = (0..local)
             .map(|j| received.iter().map(|m| m[1 + j] as usize).sum())
@@ -218,6 +220,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             local_ids.expect("a recording pack returns its metadata")
         });
         let recv_local = B::ep_exchange_ints(
+            ExchangeTag::new(handle, ExchangeOp::ExpertIds),
             local_ids,
             c.top_k,
             &send_counts,
@@ -228,6 +231,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let positions = recv_local.map(|ids| B::ep_expert_positions(ids, &expert_offsets[..local]));
 
         let plan = RoutePlan {
+            handle,
             tokens: padded_tokens,
             send_counts,
             recv_counts,
@@ -307,12 +311,42 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             weights,
             &routing.plan,
             &self.exchange,
+            ExchangeOp::Combine,
         )?);
         Ok(match routing.tokens {
             t if t == routing.plan.tokens => out,
             0 => zeros_tensor::<B, 2>([0, hidden], &self.device, dtype),
             t => out.narrow(0, 0, t),
         })
+    }
+
+    /// Tells each peer `[rows, rows for each of its local experts]` and returns what
+    /// each peer will send here, after checking that every peer is recording the
+    /// same handle.
+    fn exchange_counts(
+        &self,
+        handle: u64,
+        send_counts: &[usize],
+        tokens_per_expert: &[usize],
+    ) -> EpResult<Vec<Vec<u64>>> {
+        let world = self.config.world_size;
+        let local = self.config.experts_per_rank();
+        let tag = ExchangeTag::new(handle, ExchangeOp::Counts);
+        // The row counts are not known yet: this check compares the calls only.
+        self.exchange
+            .check_pairing(tag, &vec![0; world], &vec![0; world])?;
+        let counts = send_counts
+            .iter()
+            .enumerate()
+            .map(|(d, &rows)| {
+                let per_expert = &tokens_per_expert[d * local..(d + 1) * local];
+                std::iter::once(rows)
+                    .chain(per_expert.iter().copied())
+                    .map(|n| n as u64)
+                    .collect()
+            })
+            .collect();
+        self.exchange.control().all_to_all_words(counts, 1 + local)
     }
 
     fn check_handle(&self, routing: &Routing<B>) -> EpResult<()> {

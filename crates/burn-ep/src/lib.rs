@@ -16,6 +16,7 @@ mod cube_exchange;
 mod exchange;
 mod group;
 pub mod moe;
+mod order;
 mod routing;
 mod runner;
 mod transfer;
@@ -25,7 +26,7 @@ pub use ep_core::{EpConfig, EpError, EpResult};
 pub use ep_mesh::{
     local_comms, run_local, Control, DeviceExchange, LocalComm, Mesh, DEFAULT_TIMEOUT,
 };
-pub use exchange::{RowExchange, SharedExchange};
+pub use exchange::{ExchangeOp, ExchangeTag, RowExchange, SharedExchange};
 pub use group::{Dispatched, EpGroup};
 pub use routing::Routing;
 pub use runner::{launch, run_ranks, Transport};

@@ -9,7 +9,7 @@ use burn::config::Config;
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData};
 use ep_core::synthetic::SplitMix64;
 use ep_core::EpResult;
 
@@ -68,6 +68,9 @@ pub struct RouterOutput<B: Backend> {
 impl<B: Backend> Router<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
         let [tokens, _] = x.dims();
+        if tokens == 0 {
+            return self.no_tokens(&x.device());
+        }
         let logits = x.matmul(self.gate.val());
         let num_experts = logits.dims()[1];
         let scores = if self.sigmoid_scores {
@@ -82,7 +85,7 @@ impl<B: Backend> Router<B> {
             topk_weights = topk_weights.clone() / (topk_weights.sum_dim(1) + 1e-20);
         }
         topk_weights = topk_weights * self.score_scale;
-        let aux_loss = (self.aux_loss_weight > 0.0 && tokens > 0).then(|| {
+        let aux_loss = (self.aux_loss_weight > 0.0).then(|| {
             // Switch-style: E * sum_e (fraction of pairs routed to e) * (mean score of e).
             let chosen = Tensor::<B, 2>::zeros([tokens, num_experts], &scores.device()).scatter(
                 1,
@@ -98,6 +101,27 @@ impl<B: Backend> Router<B> {
             topk_idx,
             topk_weights,
             aux_loss,
+        }
+    }
+
+    /// The choice for a rank with no tokens, made without Burn's matmul or top-k on
+    /// zero rows (NdArray's matmul divides by zero there). The `[0, K]` weights are
+    /// selected from the gate, so they are tracked exactly when the other ranks' are,
+    /// and this rank joins the same exchanges forward and backward. (Not a slice:
+    /// Burn returns an empty slice as a new, untracked tensor.)
+    fn no_tokens(&self, device: &B::Device) -> RouterOutput<B> {
+        let k = self.top_k;
+        let topk_idx = Tensor::<B, 2, Int>::empty([0, k], device);
+        let no_rows = Tensor::<B, 1, Int>::empty([0], device);
+        let topk_weights = self
+            .gate
+            .val()
+            .select(0, no_rows)
+            .gather(1, topk_idx.clone());
+        RouterOutput {
+            topk_idx,
+            topk_weights,
+            aux_loss: None,
         }
     }
 }

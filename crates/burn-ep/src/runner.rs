@@ -82,6 +82,8 @@ where
     D: Fn(usize, usize) -> B::Device + Sync,
     F: Fn(EpGroup<B>) -> EpResult<R> + Sync,
 {
+    // Before any thread starts: a world of 0 would otherwise run nothing and succeed.
+    config.validate()?;
     match transport {
         Transport::Local => Ok(ep_mesh::run_local(config.world_size, timeout, |comm| {
             let rank = comm.rank();
@@ -142,6 +144,7 @@ where
     D: Fn(usize, usize) -> B::Device + Sync,
     F: Fn(EpGroup<B>) -> EpResult<R> + Sync,
 {
+    config.validate()?;
     #[cfg(feature = "cuda")]
     {
         use ep_mesh::{IntraProcess, Launch, Placement};

@@ -53,6 +53,15 @@ pub enum EpError {
         handle: String,
         got: String,
     },
+    /// Two ranks made different collective calls at the same point: a message that
+    /// arrived belongs to another routing handle or operation, or carries another row
+    /// count than this rank's handle expects. Nothing was moved.
+    ExchangeMismatch {
+        rank: usize,
+        peer: usize,
+        expected: String,
+        got: String,
+    },
     /// A peer rank failed (panicked, returned an error or left) before answering.
     PeerFailed { rank: usize, reason: String },
     /// Peers did not answer within the configured timeout.
@@ -115,6 +124,17 @@ impl fmt::Display for EpError {
             EpError::ReplayMismatch { what, handle, got } => write!(
                 f,
                 "replay does not match its routing handle: {what} is {got}, the handle recorded {handle}"
+            ),
+            EpError::ExchangeMismatch {
+                rank,
+                peer,
+                expected,
+                got,
+            } => write!(
+                f,
+                "rank {rank}: rank {peer} made another exchange at the same point: \
+                 this rank expected {expected}, rank {peer} sent {got} (every rank must make \
+                 the same expert-parallel calls in the same order)"
             ),
             EpError::PeerFailed { rank, reason } => write!(f, "peer rank {rank} failed: {reason}"),
             EpError::Timeout {

@@ -168,7 +168,8 @@ where
     F: Fn(CudaPeerComm) -> EpResult<R> + Sync,
 {
     let comms = cuda_peer_comms(world_size, cuda_device_count()?, timeout)?;
-    Ok(run_threads(comms, CudaPeerComm::rank, |comm| {
+    let departure = |comm: &CudaPeerComm| Some(comm.control().departure());
+    Ok(run_threads(comms, CudaPeerComm::rank, departure, |comm| {
         set_current(&comm.contexts, comm.device())?;
         work(comm)
     }))

@@ -73,6 +73,7 @@ where
     Ok(run_threads(
         units,
         |unit| unit.0,
+        |unit| unit.1.as_ref().map(|peer| peer.control().departure()),
         |(rank, peer)| {
             let nccl = routes
                 .needs_nccl()

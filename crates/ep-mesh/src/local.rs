@@ -11,7 +11,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -51,6 +51,24 @@ pub struct LocalComm {
     fabric: Arc<Fabric>,
     sequence: AtomicU64,
     timeout: Duration,
+    /// Set when a runner reports this rank's departure itself (see [`Departure`]).
+    runner_reports: AtomicBool,
+}
+
+/// A runner's hold on a rank's departure: when the rank's work ends, its peers learn
+/// why at once (returned, failed with an error, panicked with a message), even while
+/// the rank's comm lives on inside routing handles or an autodiff graph.
+pub(crate) struct Departure {
+    fabric: Arc<Fabric>,
+    rank: usize,
+}
+
+impl Departure {
+    pub(crate) fn leave(&self, reason: String) {
+        let mut board = self.fabric.lock();
+        board.departed.insert(self.rank, reason);
+        self.fabric.posted.notify_all();
+    }
 }
 
 /// Makes the ends of a local transport for `world_size` ranks, to be moved into
@@ -66,6 +84,7 @@ pub fn local_comms(world_size: usize, timeout: Duration) -> Vec<LocalComm> {
             fabric: fabric.clone(),
             sequence: AtomicU64::new(0),
             timeout,
+            runner_reports: AtomicBool::new(false),
         })
         .collect()
 }
@@ -78,14 +97,22 @@ where
     R: Send,
     F: Fn(LocalComm) -> EpResult<R> + Sync,
 {
-    run_threads(local_comms(world_size, timeout), LocalComm::rank, work)
+    run_threads(
+        local_comms(world_size, timeout),
+        LocalComm::rank,
+        |comm| Some(comm.departure()),
+        work,
+    )
 }
 
 /// Runs `work` on every comm, one scoped thread each, and returns the results in
-/// the comms' order; a panic becomes [`EpError::PeerFailed`] naming the rank.
+/// the comms' order; a panic becomes [`EpError::PeerFailed`] naming the rank and
+/// carrying the panic's message. Where `departure_of` gives a hold on the rank's
+/// mailbox, its peers learn at once that it left, and why.
 pub(crate) fn run_threads<C, R, F>(
     comms: Vec<C>,
     rank_of: fn(&C) -> usize,
+    departure_of: fn(&C) -> Option<Departure>,
     work: F,
 ) -> Vec<EpResult<R>>
 where
@@ -99,31 +126,51 @@ where
             .map(|comm| {
                 let work = &work;
                 let rank = rank_of(&comm);
-                let handle =
-                    scope.spawn(move || panic::catch_unwind(AssertUnwindSafe(|| work(comm))));
+                let departure = departure_of(&comm);
+                let handle = scope.spawn(move || {
+                    let result = panic::catch_unwind(AssertUnwindSafe(|| work(comm)))
+                        .unwrap_or_else(|payload| Err(panicked(rank, payload.as_ref())));
+                    if let Some(departure) = departure {
+                        departure.leave(match &result {
+                            Ok(_) => "returned".to_string(),
+                            Err(EpError::PeerFailed { rank: r, reason }) if *r == rank => {
+                                reason.clone()
+                            }
+                            Err(e) => format!("failed: {e}"),
+                        });
+                    }
+                    result
+                });
                 (rank, handle)
             })
             .collect();
         handles
             .into_iter()
-            .map(|(rank, handle)| match handle.join() {
-                Ok(Ok(result)) => result,
-                Ok(Err(payload)) | Err(payload) => Err(EpError::PeerFailed {
-                    rank,
-                    reason: format!("panicked: {}", panic_message(&payload)),
-                }),
+            .map(|(rank, handle)| {
+                handle
+                    .join()
+                    .unwrap_or_else(|payload| Err(panicked(rank, payload.as_ref())))
             })
             .collect()
     })
 }
 
+fn panicked(rank: usize, payload: &(dyn Any + Send)) -> EpError {
+    EpError::PeerFailed {
+        rank,
+        reason: format!("panicked: {}", panic_message(payload)),
+    }
+}
+
+/// The message of a panic, whatever its payload: `panic!("literal")` gives a
+/// `&str`, a formatted `panic!` a `String`.
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
         s.clone()
     } else {
-        "unknown panic".to_string()
+        "a panic whose payload is not a message".to_string()
     }
 }
 
@@ -207,6 +254,16 @@ impl LocalComm {
             .collect()
     }
 
+    /// The hold a runner takes on this rank's departure; from then on the runner,
+    /// not the comm's drop, tells the peers when and why the rank left.
+    pub(crate) fn departure(&self) -> Departure {
+        self.runner_reports.store(true, Ordering::Relaxed);
+        Departure {
+            fabric: self.fabric.clone(),
+            rank: self.rank(),
+        }
+    }
+
     /// Exchange of counts: `send[d]` is what this rank will send to `d`; returns what
     /// each rank will send here.
     pub fn exchange_counts(&self, send: &[usize]) -> EpResult<Vec<usize>> {
@@ -216,6 +273,9 @@ impl LocalComm {
 
 impl Drop for LocalComm {
     fn drop(&mut self) {
+        if self.runner_reports.load(Ordering::Relaxed) {
+            return;
+        }
         let reason = if std::thread::panicking() {
             "panicked".to_string()
         } else {
@@ -252,5 +312,50 @@ impl Control for LocalComm {
             }
         }
         Ok(received)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_rank_reports_its_own_message_to_everyone() {
+        let results = run_local(2, Duration::from_secs(5), |comm| {
+            if comm.rank() == 1 {
+                panic!("rank {} has no data", comm.rank());
+            }
+            comm.all_to_all(vec![0u8; 2]).map(|_| ())
+        });
+        // Both ranks name rank 1 and carry its panic's own (formatted) message.
+        for result in &results {
+            match result {
+                Err(EpError::PeerFailed { rank: 1, reason }) => {
+                    assert_eq!(reason, "panicked: rank 1 has no data")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn peers_learn_of_a_departure_while_the_comm_lives_on() {
+        let kept = std::sync::Mutex::new(Vec::new());
+        let started = Instant::now();
+        let results = run_local(2, Duration::from_secs(30), |comm| {
+            if comm.rank() == 1 {
+                // The comm outlives the rank's work, as inside a routing handle.
+                kept.lock().unwrap().push(comm);
+                return Err(EpError::InvalidConfig("no data".into()));
+            }
+            comm.all_to_all(vec![0u8; 2]).map(|_| ())
+        });
+        assert!(started.elapsed() < Duration::from_secs(10), "no timeout");
+        match &results[0] {
+            Err(EpError::PeerFailed { rank: 1, reason }) => {
+                assert!(reason.contains("no data"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -163,6 +163,8 @@ where
     Ok(run_threads(
         (0..world_size).collect(),
         |rank| *rank,
+        // NCCL peers learn of a departure through the communicator's abort.
+        |_| None,
         |rank| work(NcclComm::init(&id, world_size, rank, rank, timeout)?),
     ))
 }
