@@ -257,3 +257,32 @@ fn world_size_must_match_the_transport() {
         .unwrap();
     assert!(matches!(err, EpError::InvalidConfig(m) if m.contains("transport has 2 ranks")));
 }
+
+/// A world of 0 is refused before any rank starts, not run as nothing.
+#[test]
+fn runners_refuse_an_empty_world() {
+    let config = EpConfig::new(0, 4, 1, 8);
+    let ran = std::sync::atomic::AtomicUsize::new(0);
+    let result = burn_ep::run_ranks::<NdArray, (), _, _>(
+        burn_ep::Transport::Local,
+        &config,
+        TIMEOUT,
+        |_, _| Default::default(),
+        |_| {
+            ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        },
+    );
+    assert!(
+        matches!(&result, Err(EpError::InvalidConfig(m)) if m.contains("world_size")),
+        "{result:?}"
+    );
+    let launched = burn_ep::launch::<NdArray, (), _, _>(
+        &config,
+        TIMEOUT,
+        |_, _| Default::default(),
+        |_| Ok(()),
+    );
+    assert!(matches!(launched, Err(EpError::InvalidConfig(m)) if m.contains("world_size")));
+    assert_eq!(ran.into_inner(), 0);
+}
