@@ -36,13 +36,7 @@ pub fn cube_available() -> bool {
             let t = Tensor::<Cube, 1>::zeros([1], &Default::default());
             t.into_data();
         })
-        .map_err(|payload| {
-            payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default()
-        })
+        .map_err(|payload| ep_mesh::local::panic_message(payload.as_ref()))
     });
     let Err(why) = probe else {
         return true;

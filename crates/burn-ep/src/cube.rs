@@ -98,8 +98,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         exchange: &SharedExchange,
     ) -> EpResult<Option<FloatTensor<Self>>> {
         if exchange.has_device_path() {
-            let counts = (send_counts, recv_counts);
-            device_exchange::<R>(tag, rows, cols, dtype, counts, device, exchange)
+            device_exchange::<R>(
+                tag,
+                rows,
+                cols,
+                dtype,
+                send_counts,
+                recv_counts,
+                device,
+                exchange,
+            )
         } else {
             host_exchange::<Self>(tag, rows, dtype, send_counts, recv_counts, device, exchange)
         }
@@ -115,8 +123,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         exchange: &SharedExchange,
     ) -> EpResult<Option<IntTensor<Self>>> {
         if exchange.has_device_path() {
-            let counts = (send_counts, recv_counts);
-            device_exchange::<R>(tag, ids, cols, I::dtype(), counts, device, exchange)
+            device_exchange::<R>(
+                tag,
+                ids,
+                cols,
+                I::dtype(),
+                send_counts,
+                recv_counts,
+                device,
+                exchange,
+            )
         } else {
             host_exchange_ints::<Self>(tag, ids, send_counts, recv_counts, device, exchange)
         }

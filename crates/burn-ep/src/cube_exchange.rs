@@ -14,12 +14,14 @@ use crate::exchange::{ExchangeTag, SharedExchange};
 
 /// Moves `send` (`[S, cols]`, segments in rank order) through `exchange`; returns the
 /// received `[R, cols]` rows, `None` when nothing came.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn device_exchange<R: CubeRuntime>(
     tag: ExchangeTag,
     send: Option<CubeTensor<R>>,
     cols: usize,
     dtype: DType,
-    (send_counts, recv_counts): (&[usize], &[usize]),
+    send_counts: &[usize],
+    recv_counts: &[usize],
     device: &R::Device,
     exchange: &SharedExchange,
 ) -> EpResult<Option<CubeTensor<R>>> {

@@ -164,7 +164,7 @@ fn panicked(rank: usize, payload: &(dyn Any + Send)) -> EpError {
 
 /// The message of a panic, whatever its payload: `panic!("literal")` gives a
 /// `&str`, a formatted `panic!` a `String`.
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = payload.downcast_ref::<String>() {
