@@ -27,6 +27,9 @@ enum Graph {
     MicroBatches,
     /// `x @ S + A(x)`: a shared expert beside the routed ones.
     SharedAndRouted,
+    /// `A(x_a)` and `A'(x_b)`, where `A'` replays `A`'s routing handle (a cached
+    /// dispatch, then a combine on the same handle).
+    Replayed,
 }
 
 impl Graph {
@@ -39,8 +42,16 @@ impl Graph {
 
     fn inputs(self) -> usize {
         match self {
-            Graph::MicroBatches => 2,
+            Graph::MicroBatches | Graph::Replayed => 2,
             _ => 1,
+        }
+    }
+
+    /// The operation whose routing operation `op` uses.
+    fn routing_of(self, op: usize) -> usize {
+        match self {
+            Graph::Replayed => 0,
+            _ => op,
         }
     }
 }
@@ -134,11 +145,12 @@ fn grad_of<B: AutodiffBackend>(t: &Tensor<B, 2>, grads: &B::Gradients) -> Vec<f3
         .unwrap_or_else(|| vec![0.0; t.dims().iter().product()])
 }
 
-/// `<out, proj>`; on zero rows `out.sum()`, zero and still hanging off `out`, so
-/// this rank's backward pass reaches the group's operations.
+/// `<out, proj>`; on zero rows a zero still hanging off `out` (burn-ep's sum, which
+/// needs no kernel there), so this rank's backward pass reaches the group's
+/// operations.
 fn projected<B: ExpertParallelBackend>(out: Tensor<B, 2>, proj: &[f32]) -> Tensor<B, 1> {
     match out.dims() {
-        [0, _] => out.sum(),
+        [0, _] => burn_ep::zero_size::sum(out),
         [t, h] => {
             let proj = floats::<B>(proj, [t, h], &out.device());
             (out * proj).sum()
@@ -164,16 +176,24 @@ where
             .collect();
         let shared = floats::<B>(&case.shared, [H, H], &device).require_grad();
         let mut weights = Vec::new();
+        let mut routings: Vec<burn_ep::Routing<B>> = Vec::new();
         let mut loss = Tensor::<B, 1>::zeros([1], &device);
         for op in 0..case.graph.ops() {
             let x = xs[op % xs.len()].clone();
-            let w = floats::<B>(&case.weights[rank][op], [t, K], &device).require_grad();
-            let idx: Tensor<B, 2, Int> = ints::<B>(&case.idx[rank][op], [t, K], &device);
-            let d = group.dispatch(x, idx, w.clone())?;
-            let y = run_linear_experts(d.rows, d.routing.expert_offsets(), &mats, skip_empty);
-            let out = group.combine(y, &d.routing)?;
+            let (rows, routing) = if case.graph.routing_of(op) == op {
+                let w = floats::<B>(&case.weights[rank][op], [t, K], &device).require_grad();
+                let idx: Tensor<B, 2, Int> = ints::<B>(&case.idx[rank][op], [t, K], &device);
+                let d = group.dispatch(x, idx, w.clone())?;
+                weights.push(w);
+                (d.rows, d.routing)
+            } else {
+                let routing = routings[case.graph.routing_of(op)].clone();
+                (group.dispatch_cached(x, &routing)?, routing)
+            };
+            let y = run_linear_experts(rows, routing.expert_offsets(), &mats, skip_empty);
+            let out = group.combine(y, &routing)?;
             loss = loss + projected(out, &case.proj[rank][op]);
-            weights.push(w);
+            routings.push(routing);
         }
         // Burn 0.21's NdArray matmul divides by zero on zero rows: this branch is
         // about Burn's op, not burn-ep's (whose calls above take the empty batch).
@@ -220,10 +240,17 @@ fn dense_gradients<B: ExpertParallelBackend + AutodiffBackend>(case: &Case) -> V
         if t > 0 {
             for op in 0..case.graph.ops() {
                 let x = xs[op % xs.len()].clone();
-                let w = floats::<B>(&case.weights[rank][op], [t, K], &device).require_grad();
+                let source = case.graph.routing_of(op);
+                let w = if source == op {
+                    let w = floats::<B>(&case.weights[rank][op], [t, K], &device).require_grad();
+                    weights.push(w.clone());
+                    w
+                } else {
+                    weights[source].clone()
+                };
                 let mut out = Tensor::<B, 2>::zeros([t, H], &device);
                 for (e, m) in experts.iter().enumerate() {
-                    let mask: Vec<f32> = case.idx[rank][op]
+                    let mask: Vec<f32> = case.idx[rank][source]
                         .iter()
                         .map(|&i| f32::from(u8::from(i == e as i64)))
                         .collect();
@@ -231,7 +258,6 @@ fn dense_gradients<B: ExpertParallelBackend + AutodiffBackend>(case: &Case) -> V
                     out = out + x.clone().matmul(m.clone()) * coeff;
                 }
                 loss = loss + (out * floats::<B>(&case.proj[rank][op], [t, H], &device)).sum();
-                weights.push(w);
             }
             if case.graph == Graph::SharedAndRouted {
                 let proj = floats::<B>(&case.proj[rank][0], [t, H], &device);
@@ -239,6 +265,7 @@ fn dense_gradients<B: ExpertParallelBackend + AutodiffBackend>(case: &Case) -> V
             }
         } else {
             weights = (0..case.graph.ops())
+                .filter(|&op| case.graph.routing_of(op) == op)
                 .map(|_| Tensor::<B, 2>::empty([0, K], &device))
                 .collect();
         }
@@ -302,42 +329,24 @@ fn parity(which: Which, graph: Graph, tokens: &[usize], skip_empty: bool) {
 }
 
 /// Every graph, with the expert step skipping zero rows (the rank that receives
-/// nothing in an operation then has a shallower graph), on uneven token counts and
-/// on four ranks.
+/// nothing in an operation then has a shallower graph), on uneven token counts, on
+/// four ranks, and with a rank that has no tokens at all.
 #[rstest]
 fn graphs_whose_depth_differs_between_ranks(
     #[values(Which::NdArray, Which::Cube)] which: Which,
-    #[values(Graph::SideBySide, Graph::MicroBatches, Graph::SharedAndRouted)] graph: Graph,
-    #[values(&[5, 4][..], &[3, 6, 1, 2][..])] tokens: &[usize],
+    #[values(
+        Graph::SideBySide,
+        Graph::MicroBatches,
+        Graph::SharedAndRouted,
+        Graph::Replayed
+    )]
+    graph: Graph,
+    #[values(&[5, 4][..], &[3, 6, 1, 2][..], &[5, 0][..], &[3, 6, 0, 2][..])] tokens: &[usize],
 ) {
     if !runs_here(which) {
         return;
     }
     parity(which, graph, tokens, true);
-}
-
-/// The same graphs with a rank that has no tokens at all.
-#[rstest]
-fn graphs_with_a_rank_without_tokens(
-    #[values(Graph::SideBySide, Graph::MicroBatches, Graph::SharedAndRouted)] graph: Graph,
-    #[values(&[5, 0][..], &[3, 6, 0, 2][..])] tokens: &[usize],
-) {
-    parity(Which::NdArray, graph, tokens, true);
-}
-
-/// A rank with no tokens needs a loss that hangs off its `[0, H]` output, and Burn
-/// 0.21's CubeCL autodiff cannot reduce a zero-size tensor: the backward of `sum`
-/// broadcasts `[1, 1]` against `[0, H]` and fails an assertion (and `mul` overflows
-/// in `is_nonoverlapping`). burn-ep's own steps take the empty rank (see the
-/// NdArray case above and `gradcheck`'s empty ranks); the user's loss cannot yet.
-#[rstest]
-#[ignore = "Burn 0.21's CubeCL autodiff cannot reduce a zero-size loss (sum's backward broadcasts [1, 1] against [0, H])"]
-fn graphs_with_a_rank_without_tokens_on_cube(
-    #[values(Graph::SideBySide, Graph::MicroBatches)] graph: Graph,
-) {
-    if runs_here(Which::Cube) {
-        parity(Which::Cube, graph, &[5, 0], true);
-    }
 }
 
 /// The expert step need not branch on an empty batch: zero rows through the same

@@ -30,12 +30,28 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::autodiff::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Tensor, TensorMetadata};
+use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata};
 use ep_core::{EpConfig, EpError, EpResult};
 
-use crate::backend::{float, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan};
+use crate::backend::{
+    float, zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan,
+};
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 use crate::order::PendingToken;
+
+/// Registers a gradient for a parent node, where Burn adds it to what is there. A
+/// zero-size gradient is not added to another: CUDA refuses the zero-size launch of
+/// the addition, and either one is the sum. (A macro, since Burn does not let other
+/// crates name its node type: the probe is a tensor on the parent's node.)
+macro_rules! register {
+    ($backend:ty, $grads:expr, $parent:expr, $grad:expr) => {{
+        let (parent, grad) = ($parent, $grad);
+        let mut probe = <FloatTensor<Autodiff<$backend>>>::new(grad.clone());
+        probe.rc = std::sync::Arc::new(parent.id);
+        probe.node = parent;
+        register_on::<$backend>($grads, probe, grad)
+    }};
+}
 
 impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for Autodiff<B, C> {
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
@@ -205,6 +221,23 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
             .compute_bound()
             .stateful();
         Ok(Some(finish_in_order(prep, state, out, exchange)))
+    }
+
+    fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
+        let out = B::ep_zeros_after(parent.primitive.clone(), shape);
+        let state = (
+            parent.shape(),
+            B::float_device(&parent.primitive),
+            parent.dtype(),
+        );
+        match ZerosAfterBackward
+            .prepare::<C>([parent.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
     }
 
     fn ep_combine_rows(
@@ -386,7 +419,7 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchRowsBackward {
         let grad_x = B::ep_combine_rows(grad, unit, &s.plan, &s.exchange, ExchangeOp::RowsGrad)
             .unwrap_or_else(|e| backward_failed("dispatch", &s, e));
         if let Some(parent) = parent {
-            grads.register::<B>(parent.id, grad_x);
+            register!(B, grads, parent, grad_x);
         }
     }
 }
@@ -413,7 +446,7 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchWeightsBackward {
         )
         .unwrap_or_else(|e| backward_failed("the weights' dispatch", &s, e));
         if let Some(parent) = parent {
-            grads.register::<B>(parent.id, grad_w);
+            register!(B, grads, parent, grad_w);
         }
     }
 }
@@ -461,14 +494,42 @@ impl<B: ExpertParallelBackend> Backward<B, 3> for CombineBackward {
         };
         if let Some(parent) = y_parent {
             let grad_y = grad_y.unwrap_or_else(|| zeros::<B>([p, s.cols], &s.plan.device, s.dtype));
-            grads.register::<B>(parent.id, grad_y);
+            register!(B, grads, parent, grad_y);
         }
         if let Some(parent) = w_parent {
             let grad_w =
                 grad_w.unwrap_or_else(|| zeros::<B>([rows, k], &s.plan.device, weights_t.dtype()));
-            grads.register::<B>(parent.id, grad_w);
+            register!(B, grads, parent, grad_w);
         }
     }
+}
+
+/// The zeros of `ep_zeros_after`: the parent's gradient is zero.
+#[derive(Debug)]
+struct ZerosAfterBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 1> for ZerosAfterBackward {
+    type State = (Shape, B::Device, DType);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        grads.consume::<B>(&ops.node);
+        let (shape, device, dtype) = ops.state;
+        if let Some(parent) = parent {
+            register!(B, grads, parent, zeros_of::<B>(shape, &device, dtype));
+        }
+    }
+}
+
+fn register_on<B: ExpertParallelBackend>(
+    grads: &mut Gradients,
+    probe: FloatTensor<Autodiff<B>>,
+    grad: FloatTensor<B>,
+) {
+    if grad.shape().num_elements() == 0 && grads.get::<B>(&probe).is_some() {
+        return;
+    }
+    grads.register::<B>(probe.node.id, grad);
 }
 
 /// `out[i, k] = values[positions[i, k]]`, or zero where the position is `-1`.

@@ -17,7 +17,7 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use ep_core::layout::SendLayout;
 use ep_core::{validate, EpConfig, EpResult};
 
@@ -406,6 +406,14 @@ pub trait ExpertParallelBackend: Backend {
         Self::ep_route_rows(weights, plan, exchange, ExchangeOp::Weights)
     }
 
+    /// Zeros of `shape` that depend on `parent` in the autodiff graph, with a zero
+    /// derivative, made without a kernel on a zero-size tensor on either side: the
+    /// router weights and the loss of a rank with no tokens (see `crate::zero_size`).
+    /// Off autodiff, plain zeros.
+    fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
+        zeros_of::<Self>(shape, &Self::float_device(&parent), parent.dtype())
+    }
+
     /// Combine along a recorded route: expert outputs `y [P, H]` and received weights
     /// `[R, K]` to `[T, H]` (reduce, then return). `op` names the exchange: a
     /// combine, or the backward of a dispatch.
@@ -486,6 +494,19 @@ pub(crate) fn zeros<B: Backend>(
     zeros_tensor::<B, 2>(shape, device, dtype)
         .into_primitive()
         .tensor()
+}
+
+/// Zeros of any rank; a zero-size tensor is allocated without a kernel launch.
+pub(crate) fn zeros_of<B: Backend>(
+    shape: Shape,
+    device: &B::Device,
+    dtype: DType,
+) -> FloatTensor<B> {
+    if shape.num_elements() == 0 {
+        B::float_empty(shape, device, dtype.into())
+    } else {
+        B::float_zeros(shape, device, dtype.into())
+    }
 }
 
 /// Zeros of `shape`. A zero-size tensor is allocated without a kernel launch: CUDA

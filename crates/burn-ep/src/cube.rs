@@ -67,8 +67,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             int_dtype.into(),
         );
 
-        // The one host synchronisation of the layout: the counts.
-        let stats = read_u32(&client, stats)?;
+        // The one host synchronisation of the layout: the counts. A failed read is
+        // the device's failure (an earlier launch refused or faulted).
+        let stats = read_u32(&client, stats).map_err(|reason| EpError::DeviceFailed {
+            rank: config.rank,
+            reason,
+        })?;
         if stats[world + config.num_experts] > 0 {
             // Rare path: find and name the bad id on the host.
             let ids = crate::backend::host_ints(crate::backend::int::<Self, 2>(topk_idx));
@@ -504,10 +508,10 @@ fn dims2<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {
 fn read_u32<R: CubeRuntime>(
     client: &ComputeClient<R>,
     handle: cubecl::server::Handle,
-) -> EpResult<Vec<u32>> {
+) -> Result<Vec<u32>, String> {
     let bytes = client
         .read_one(handle)
-        .map_err(|e| EpError::Transport(format!("reading layout counts failed: {e:?}")))?;
+        .map_err(|e| format!("reading the layout's counts failed: {e}"))?;
     Ok(bytes
         .chunks_exact(4)
         .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))

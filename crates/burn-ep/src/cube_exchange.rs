@@ -31,8 +31,11 @@ pub(crate) fn device_exchange<R: CubeRuntime>(
     let recv = (received > 0).then(|| alloc::<R, 2>(&client, device, [received, cols], dtype));
     // The pack that wrote the send buffer and the allocation of the receive buffer
     // are queued on this thread's stream; the copies run on the transport's streams.
-    cubecl::future::block_on(client.sync())
-        .map_err(|e| EpError::Transport(format!("synchronising before the exchange: {e:?}")))?;
+    cubecl::future::block_on(client.sync()).map_err(|e| {
+        exchange.device_failed(format_args!(
+            "synchronising before the exchange failed: {e}"
+        ))
+    })?;
     let send_ptr = send.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
     let recv_ptr = recv.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
     exchange.device_all_to_all(

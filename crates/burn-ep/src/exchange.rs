@@ -10,9 +10,9 @@
 //! rows of another route.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use burn::tensor::backend::Backend;
+use burn::tensor::backend::{Backend, ExecutionError};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use ep_core::{EpError, EpResult};
@@ -203,6 +203,8 @@ struct Link {
     control: Arc<dyn Control>,
     rows: Arc<dyn RowExchange>,
     order: BackwardOrder,
+    /// Set when this rank's device failed: every later call ends with it.
+    fault: OnceLock<EpError>,
 }
 
 impl SharedExchange {
@@ -211,7 +213,34 @@ impl SharedExchange {
             control,
             rows,
             order: BackwardOrder::default(),
+            fault: OnceLock::new(),
         }))
+    }
+
+    /// Ends this rank's part in the group because its device failed (`reason` is
+    /// the driver's word): the peers are told at once, and this call and every later
+    /// one on this rank return the error.
+    pub(crate) fn device_failed(&self, reason: impl fmt::Display) -> EpError {
+        let control = self.control();
+        self.0
+            .fault
+            .get_or_init(|| {
+                let reason = one_line(&reason.to_string());
+                control.leave(&format!("its device failed: {reason}"));
+                EpError::DeviceFailed {
+                    rank: control.rank(),
+                    reason,
+                }
+            })
+            .clone()
+    }
+
+    /// The device failure that ended this rank's part, if there was one.
+    fn check_healthy(&self) -> EpResult<()> {
+        match self.0.fault.get() {
+            Some(error) => Err(error.clone()),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn control(&self) -> &dyn Control {
@@ -237,6 +266,7 @@ impl SharedExchange {
         send_counts: &[usize],
         recv_counts: &[usize],
     ) -> EpResult<()> {
+        self.check_healthy()?;
         let control = self.control();
         let words = send_counts
             .iter()
@@ -297,7 +327,9 @@ pub(crate) fn host_exchange<B: Backend>(
     device: &B::Device,
     exchange: &SharedExchange,
 ) -> EpResult<Option<FloatTensor<B>>> {
-    let data = rows.map(|r| float::<B, 2>(r).into_data());
+    let data = rows
+        .map(|r| read_rows(float::<B, 2>(r).try_into_data(), exchange))
+        .transpose()?;
     Ok(exchange
         .exchange_rows(tag, data, send_counts, recv_counts)?
         .map(|d| upload::<B>(d, device, dtype)))
@@ -312,8 +344,75 @@ pub(crate) fn host_exchange_ints<B: Backend>(
     device: &B::Device,
     exchange: &SharedExchange,
 ) -> EpResult<Option<IntTensor<B>>> {
-    let data = ids.map(|r| int::<B, 2>(r).into_data());
+    let data = ids
+        .map(|r| read_rows(int::<B, 2>(r).try_into_data(), exchange))
+        .transpose()?;
     Ok(exchange
         .exchange_rows(tag, data, send_counts, recv_counts)?
         .map(|d| Tensor::<B, 2, Int>::from_data(d, device).into_primitive()))
+}
+
+/// The send buffer read back for the host path; a read that fails is the device's
+/// failure.
+fn read_rows(
+    data: Result<TensorData, ExecutionError>,
+    exchange: &SharedExchange,
+) -> EpResult<TensorData> {
+    data.map_err(|e| exchange.device_failed(format_args!("reading rows to send failed: {e}")))
+}
+
+/// A driver's multi-line report (with backtrace placeholders) as one line.
+fn one_line(report: &str) -> String {
+    report
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.contains("backtrace") && *line != "Backtrace")
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Barrier;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A device failure found on rank 1 ends its calls with the cause, and rank 0's
+    /// pending call fails naming rank 1 and the cause, while rank 1 is still in the
+    /// group (the runner's own notice of its departure comes later).
+    #[test]
+    fn a_device_failure_ends_this_ranks_calls_and_tells_its_peers() {
+        let answered = Barrier::new(2);
+        let tag = ExchangeTag::new(0, ExchangeOp::Barrier);
+        let results = ep_mesh::run_local(2, Duration::from_secs(600), |comm| {
+            let comm = Arc::new(comm);
+            let rank = comm.rank();
+            let exchange = SharedExchange::new(comm.clone(), comm);
+            let result = if rank == 1 {
+                let found = exchange.device_failed("CUDA_ERROR_INVALID_VALUE\n  Backtrace");
+                let later = exchange.check_pairing(tag, &[0, 0], &[0, 0]);
+                assert_eq!(later, Err(found.clone()), "a later call ends the same way");
+                Err(found)
+            } else {
+                exchange.check_pairing(tag, &[0, 0], &[0, 0])
+            };
+            answered.wait();
+            Ok(result)
+        });
+        let mut results = results.into_iter().map(|r| r.unwrap());
+        let (peer, own) = (results.next().unwrap(), results.next().unwrap());
+        let cause = EpError::DeviceFailed {
+            rank: 1,
+            reason: "CUDA_ERROR_INVALID_VALUE".into(),
+        };
+        assert_eq!(own, Err(cause));
+        assert_eq!(
+            peer,
+            Err(EpError::PeerFailed {
+                rank: 1,
+                reason: "its device failed: CUDA_ERROR_INVALID_VALUE".into()
+            })
+        );
+    }
 }

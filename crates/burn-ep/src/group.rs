@@ -140,6 +140,15 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         self.check_group_call(ExchangeOp::Barrier, 0)
     }
 
+    /// A step's error as the group reports it: a device failure ends this rank's
+    /// part in the group (see `SharedExchange::device_failed`).
+    fn settle(&self, error: EpError) -> EpError {
+        match error {
+            EpError::DeviceFailed { reason, .. } => self.exchange.device_failed(reason),
+            other => other,
+        }
+    }
+
     /// Checks that every rank makes the same group call, with the same length.
     fn check_group_call(&self, op: ExchangeOp, len: usize) -> EpResult<()> {
         let world = self.config.world_size;
@@ -182,7 +191,8 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
 
         // Layout and slots.
         let (slots, send_counts, tokens_per_expert) = if padded_tokens > 0 {
-            let layout = B::ep_layout(topk_idx.clone().into_primitive(), c)?;
+            let layout =
+                B::ep_layout(topk_idx.clone().into_primitive(), c).map_err(|e| self.settle(e))?;
             (
                 Some(layout.slots),
                 layout.send_counts,

@@ -20,6 +20,7 @@ mod order;
 mod routing;
 mod runner;
 mod transfer;
+pub mod zero_size;
 
 pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RoutePlan};
 pub use ep_core::{EpConfig, EpError, EpResult};

@@ -13,6 +13,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use ep_core::synthetic::SplitMix64;
 use ep_core::EpResult;
 
+use crate::zero_size::zeros_after;
 use crate::{EpGroup, ExpertParallelBackend};
 
 /// The layer's shape and routing choices.
@@ -65,7 +66,7 @@ pub struct RouterOutput<B: Backend> {
     pub aux_loss: Option<Tensor<B, 1>>,
 }
 
-impl<B: Backend> Router<B> {
+impl<B: ExpertParallelBackend> Router<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
         let [tokens, _] = x.dims();
         if tokens == 0 {
@@ -104,20 +105,15 @@ impl<B: Backend> Router<B> {
         }
     }
 
-    /// The choice for a rank with no tokens, made without Burn's matmul or top-k on
-    /// zero rows (NdArray's matmul divides by zero there). The `[0, K]` weights are
-    /// selected from the gate, so they are tracked exactly when the other ranks' are,
-    /// and this rank joins the same exchanges forward and backward. (Not a slice:
-    /// Burn returns an empty slice as a new, untracked tensor.)
+    /// The choice for a rank with no tokens, made without a kernel on zero rows
+    /// (NdArray's matmul divides by zero there, CUDA refuses zero-size launches).
+    /// The `[0, K]` weights hang off the gate, so they are tracked exactly when the
+    /// other ranks' are, and this rank joins the same exchanges forward and
+    /// backward; the gate's gradient from them is zero.
     fn no_tokens(&self, device: &B::Device) -> RouterOutput<B> {
         let k = self.top_k;
         let topk_idx = Tensor::<B, 2, Int>::empty([0, k], device);
-        let no_rows = Tensor::<B, 1, Int>::empty([0], device);
-        let topk_weights = self
-            .gate
-            .val()
-            .select(0, no_rows)
-            .gather(1, topk_idx.clone());
+        let topk_weights = zeros_after(self.gate.val(), [0, k]);
         RouterOutput {
             topk_idx,
             topk_weights,

@@ -64,6 +64,10 @@ pub enum EpError {
     },
     /// A peer rank failed (panicked, returned an error or left) before answering.
     PeerFailed { rank: usize, reason: String },
+    /// This rank's device reported an error (a refused launch, a fault, a lost
+    /// device). The group's pending and later calls on this rank fail with it, and
+    /// its peers get [`EpError::PeerFailed`] naming this rank and the cause.
+    DeviceFailed { rank: usize, reason: String },
     /// Peers did not answer within the configured timeout.
     Timeout {
         rank: usize,
@@ -137,6 +141,10 @@ impl fmt::Display for EpError {
                  the same expert-parallel calls in the same order)"
             ),
             EpError::PeerFailed { rank, reason } => write!(f, "peer rank {rank} failed: {reason}"),
+            EpError::DeviceFailed { rank, reason } => write!(
+                f,
+                "rank {rank}: the device failed, and this group cannot go on here: {reason}"
+            ),
             EpError::Timeout {
                 rank,
                 waiting_for,

@@ -41,6 +41,13 @@ pub trait Control: Send + Sync {
         self.all_to_all_bytes(send, &recv_lens)
     }
 
+    /// Leaves the group for `reason` (this rank's device failed, say): the peers'
+    /// pending and later calls that wait on this rank fail with
+    /// [`EpError::PeerFailed`] naming it and the reason, at once where the transport
+    /// can tell them (the local mailbox, and so the cuda-peer transport). NCCL has no
+    /// such message: its peers fail at their own deadline.
+    fn leave(&self, _reason: &str) {}
+
     /// Returns once every rank has called it, or with the error a failed or silent
     /// peer gives.
     fn barrier(&self) -> EpResult<()> {

@@ -43,6 +43,14 @@ impl Fabric {
         // critical section is a few map operations.
         self.board.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Marks `rank` departed and wakes its waiting peers. The first reason stays: a
+    /// rank that left because its device failed and then returned an error is
+    /// reported by the cause.
+    fn depart(&self, rank: usize, reason: String) {
+        self.lock().departed.entry(rank).or_insert(reason);
+        self.posted.notify_all();
+    }
 }
 
 /// One rank's end of the local transport.
@@ -65,9 +73,7 @@ pub(crate) struct Departure {
 
 impl Departure {
     pub(crate) fn leave(&self, reason: String) {
-        let mut board = self.fabric.lock();
-        board.departed.insert(self.rank, reason);
-        self.fabric.posted.notify_all();
+        self.fabric.depart(self.rank, reason);
     }
 }
 
@@ -284,9 +290,7 @@ impl Drop for LocalComm {
                 self.sequence.load(Ordering::Relaxed)
             )
         };
-        let mut board = self.fabric.lock();
-        board.departed.insert(self.rank(), reason);
-        self.fabric.posted.notify_all();
+        self.fabric.depart(self.rank(), reason);
     }
 }
 
@@ -297,6 +301,10 @@ impl Control for LocalComm {
 
     fn world_size(&self) -> usize {
         self.mesh.world_size()
+    }
+
+    fn leave(&self, reason: &str) {
+        self.fabric.depart(self.rank(), reason.to_string());
     }
 
     fn all_to_all_bytes(&self, send: Vec<Vec<u8>>, recv_lens: &[usize]) -> EpResult<Vec<Vec<u8>>> {
@@ -354,6 +362,29 @@ mod tests {
         match &results[0] {
             Err(EpError::PeerFailed { rank: 1, reason }) => {
                 assert!(reason.contains("no data"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_rank_that_leaves_fails_its_peers_calls_with_its_reason() {
+        // Rank 1 stays in the group until rank 0 has its answer: what rank 0 hears
+        // is the leave, not the runner's notice that rank 1 returned.
+        let answered = std::sync::Barrier::new(2);
+        let results = run_local(2, Duration::from_secs(600), |comm| {
+            if comm.rank() == 1 {
+                comm.leave("its device failed: a refused launch");
+                answered.wait();
+                return Ok(());
+            }
+            let result = comm.all_to_all(vec![0u8; 2]).map(|_| ());
+            answered.wait();
+            result
+        });
+        match &results[0] {
+            Err(EpError::PeerFailed { rank: 1, reason }) => {
+                assert_eq!(reason, "its device failed: a refused launch")
             }
             other => panic!("{other:?}"),
         }
