@@ -1,6 +1,8 @@
 //! Times dispatch, cached dispatch and combine (and their backward passes) over
-//! ranks that are threads of one process, with the device-synchronised median,
-//! min and max of many runs after warm-up.
+//! ranks that are threads of one process. Every rank times every run between
+//! device synchronisations; a run's time is the slowest rank's. Prints p10, median
+//! and p90, what each operation made (host synchronisations, control messages,
+//! row exchanges, burn-ep's kernel launches) and, on CUDA, its HBM floor.
 //!
 //!     cargo run --release --example bench -- --help
 
@@ -9,6 +11,7 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn_ep::counters::{self, Counts};
 use burn_ep::{
     run_ranks, EpConfig, EpGroup, ExchangeOp, ExchangeTag, ExpertParallelBackend, Transport,
 };
@@ -32,14 +35,21 @@ OPTIONS:
   --routing R     uniform | skewed | sentinel (uniform with 10% -1 slots) [default: uniform]
   --alignment A   expert alignment [default: 1]
   --warmup N      untimed runs first [default: 3]
-  --iters N       timed runs [default: 20]
+  --iters N       timed runs [default: 50]
   --json PATH     also write the results as JSON
   --help          this text
 
-Times are taken on rank 0 between device synchronisations, after a barrier of all
-ranks. Bytes are DeepEP's convention: every row received, times H, times the
-element size, over the time. The local transport moves host copies between rank
-threads; cuda-peer moves device buffers with the copy engines.";
+Every rank times every run: device sync, barrier of all ranks, clock, the
+operation, device sync, clock. A run's time is the slowest rank's; p10, median and
+p90 are over the runs. Counts are per rank and run (the most of any rank): host
+synchronisations, control messages, row exchanges, burn-ep's kernel launches.
+GB/s is DeepEP's convention: every row received, times H, times the element size,
+over the median. The HBM floor (CUDA) is the fewest bytes the operation must read
+and write on the busiest GPU (the expert-major layout: sent rows read, padded rows
+written; combine: padded rows read, tokens written), over twice the device-copy
+rate measured in the same run (a copy reads and writes each byte); `x floor` is
+the median over it. The local transport moves host copies between rank threads;
+cuda-peer moves device buffers with the copy engines.";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -71,7 +81,7 @@ fn parse() -> Result<Options, String> {
         routing: "uniform".into(),
         alignment: 1,
         warmup: 3,
-        iters: 20,
+        iters: 50,
         json: None,
     };
     let mut args = std::env::args().skip(1);
@@ -105,15 +115,50 @@ fn parse() -> Result<Options, String> {
 #[derive(Debug, Clone)]
 struct Phase {
     name: &'static str,
+    /// One per timed run.
     times: Vec<Duration>,
+    /// Bytes received (DeepEP's convention), for GB/s.
     bytes: usize,
+    /// The fewest bytes of HBM traffic the operation needs on this rank (0: none
+    /// stated, for the steps of the breakdown).
+    floor_bytes: usize,
+    /// What one run made on this rank.
+    counts: Counts,
 }
 
 impl Phase {
+    /// p10, median and p90 in µs.
     fn stats(&self) -> (f64, f64, f64) {
         let mut us: Vec<f64> = self.times.iter().map(|t| t.as_secs_f64() * 1e6).collect();
         us.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        (us[us.len() / 2], us[0], us[us.len() - 1])
+        let at = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+        (at(0.1), at(0.5), at(0.9))
+    }
+
+    /// The ranks' phases as one: each run's slowest rank, the most counts of any
+    /// rank, and the floor of the busiest GPU (ranks sharing one GPU add up).
+    fn across_ranks(ranks: &[Phase], shared_gpu: bool) -> Phase {
+        let first = &ranks[0];
+        let max_counts = |f: fn(&Counts) -> u64| ranks.iter().map(|p| f(&p.counts)).max().unwrap();
+        let floors = ranks.iter().map(|p| p.floor_bytes);
+        Phase {
+            name: first.name,
+            times: (0..first.times.len())
+                .map(|i| ranks.iter().map(|p| p.times[i]).max().unwrap())
+                .collect(),
+            bytes: first.bytes,
+            floor_bytes: if shared_gpu {
+                floors.sum()
+            } else {
+                floors.max().unwrap()
+            },
+            counts: Counts {
+                host_syncs: max_counts(|c| c.host_syncs),
+                control_messages: max_counts(|c| c.control_messages),
+                exchanges: max_counts(|c| c.exchanges),
+                kernel_launches: max_counts(|c| c.kernel_launches),
+            },
+        }
     }
 }
 
@@ -123,6 +168,7 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
     device_of: fn(usize) -> B::Device,
     dtype: DType,
     hidden: usize,
+    shared_gpu: bool,
 ) -> Vec<Phase> {
     let config = EpConfig::new(o.ranks, o.experts, o.top_k, hidden)
         .with_expert_alignment(o.alignment)
@@ -156,19 +202,24 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 &device,
             );
             let barrier = || group_barrier(&group);
-            let timed = |f: &mut dyn FnMut()| -> Vec<Duration> {
+            // Times and the counts of the last run (the bench's own barrier and
+            // syncs are outside the counted span).
+            let timed = |f: &mut dyn FnMut()| -> (Vec<Duration>, Counts) {
                 let mut times = Vec::new();
+                let mut counts = Counts::default();
                 for i in 0..o.warmup + o.iters {
-                    barrier();
                     B::sync(&device).unwrap();
+                    barrier();
+                    let before = counters::snapshot();
                     let start = Instant::now();
                     f();
+                    counts = counters::snapshot() - before;
                     B::sync(&device).unwrap();
                     if i >= o.warmup {
                         times.push(start.elapsed());
                     }
                 }
-                times
+                (times, counts)
             };
             let d = group.dispatch(x.clone(), idx.clone(), w.clone())?;
             let received = d.routing.received_rows();
@@ -234,84 +285,100 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 }
             });
             let bytes = received * hidden * elem;
+            // Expert-major dispatch: each sent row read once, each padded row
+            // written once; combine: each padded row read once, each token written.
+            let row = hidden * elem;
+            let dispatch_floor = (plan.sent_rows() + plan.padded_rows) * row;
+            let combine_floor = (plan.padded_rows + tokens) * row;
+            let phase = |name, (times, counts), bytes, floor_bytes| Phase {
+                name,
+                times,
+                bytes,
+                floor_bytes,
+                counts,
+            };
             Ok(vec![
-                Phase {
-                    name: "dispatch",
-                    times: dispatch,
-                    bytes,
-                },
-                Phase {
-                    name: "cached dispatch",
-                    times: cached,
-                    bytes,
-                },
-                Phase {
-                    name: "combine",
-                    times: combine,
-                    bytes,
-                },
-                Phase {
-                    name: "dispatch+combine fwd+bwd",
-                    times: round_trip,
-                    bytes: 4 * bytes,
-                },
-                step("step: layout (+count read)", layout),
-                step("step: control message", control),
-                step("step: pack", pack),
-                Phase {
-                    name: "step: row exchange",
-                    times: exchange_time,
-                    bytes,
-                },
-                step("step: expand", expand),
-                step("step: device sync alone", sync),
+                phase("dispatch", dispatch, bytes, dispatch_floor),
+                phase("cached dispatch", cached, bytes, dispatch_floor),
+                phase("combine", combine, bytes, combine_floor),
+                phase(
+                    "dispatch+combine fwd+bwd",
+                    round_trip,
+                    4 * bytes,
+                    2 * (dispatch_floor + combine_floor),
+                ),
+                phase("step: layout (+count read)", layout, 0, 0),
+                phase("step: control message", control, 0, 0),
+                phase("step: pack", pack, 0, 0),
+                phase("step: row exchange", exchange_time, bytes, 0),
+                phase("step: expand", expand, 0, 0),
+                phase("step: device sync alone", sync, 0, 0),
             ])
         },
     );
-    results
-        .and_then(|r| r.into_iter().next().unwrap())
-        .expect("rank 0 failed")
+    let ranks: Vec<Vec<Phase>> = results
+        .expect("the ranks did not start")
+        .into_iter()
+        .enumerate()
+        .map(|(rank, r)| r.unwrap_or_else(|e| panic!("rank {rank} failed: {e}")))
+        .collect();
+    (0..ranks[0].len())
+        .map(|i| {
+            let phases: Vec<Phase> = ranks.iter().map(|r| r[i].clone()).collect();
+            Phase::across_ranks(&phases, shared_gpu)
+        })
+        .collect()
 }
 
-/// A step of the dispatch breakdown, which moves no rows of its own.
-fn step(name: &'static str, times: Vec<Duration>) -> Phase {
-    Phase {
-        name,
-        times,
-        bytes: 0,
+/// Copy rates measured in this process, in GB/s of bytes copied.
+#[derive(Debug, Default)]
+struct Rates {
+    /// A device copy on GPU 0 (each byte read and written): the HBM rate.
+    device: Option<f64>,
+    /// A peer copy GPU 0 -> GPU 1, where there are two GPUs and two ranks.
+    peer: Option<f64>,
+    gpus: usize,
+}
+
+impl Rates {
+    /// The transport's copy ceiling: the peer rate across GPUs, else the device rate.
+    fn ceiling(&self) -> Option<f64> {
+        self.peer.or(self.device)
     }
 }
 
-/// The copy ceiling of the transport, measured in this process: a peer copy from
-/// GPU 0 to GPU 1, or a device copy on GPU 0 when there is one GPU.
 #[cfg(feature = "cuda")]
-fn ceiling(o: &Options) -> Option<(String, f64)> {
+fn rates(o: &Options) -> Rates {
     if o.backend != "cuda" {
-        return None;
+        return Rates::default();
     }
-    let devices = ep_mesh::cuda_device_count().ok()?;
-    let to = if devices > 1 && o.ranks > 1 { 1 } else { 0 };
+    let gpus = ep_mesh::cuda_device_count().unwrap_or(0);
     let bytes = 256 << 20;
-    match ep_mesh::bandwidth::copy_bandwidth(0, to, bytes, 20) {
-        Ok(b) => Some((
-            format!(
+    let measure = |to: usize| match ep_mesh::bandwidth::copy_bandwidth(0, to, bytes, 20) {
+        Ok(b) => {
+            println!(
                 "copy GPU0 -> GPU{to}, {} MiB: {:.1} GB/s ({:.1} µs)",
                 bytes >> 20,
                 b.gbps,
                 b.time.as_secs_f64() * 1e6
-            ),
-            b.gbps,
-        )),
+            );
+            Some(b.gbps)
+        }
         Err(e) => {
-            eprintln!("bench: ceiling not measured: {e}");
+            eprintln!("bench: copy rate GPU0 -> GPU{to} not measured: {e}");
             None
         }
+    };
+    Rates {
+        device: measure(0),
+        peer: (gpus > 1 && o.ranks > 1).then(|| measure(1)).flatten(),
+        gpus,
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn ceiling(_o: &Options) -> Option<(String, f64)> {
-    None
+fn rates(_o: &Options) -> Rates {
+    Rates::default()
 }
 
 fn group_barrier<B: ExpertParallelBackend>(group: &EpGroup<B>) {
@@ -341,14 +408,28 @@ fn main() {
         "burn-ep bench: backend {}, {} ranks, H={hidden}, K={}, E={}, {dtype:?}, routing {}, {} transport",
         o.backend, o.ranks, o.top_k, o.experts, o.routing, o.transport
     );
-    let ceiling = ceiling(&o);
-    match &ceiling {
-        Some((what, _)) => println!("ceiling: {what}"),
-        None => println!("ceiling: not measured (CUDA backend only)"),
+    let rates = rates(&o);
+    if rates.device.is_none() {
+        println!("copy rates: not measured (CUDA backend only): no ceiling, no floor");
     }
+    // Ranks on one GPU share its HBM: their floors add up.
+    let shared_gpu = o.transport == Transport::Local || rates.gpus < 2;
     println!(
-        "{:>6}  {:<28} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9}",
-        "T", "phase", "median µs", "min µs", "max µs", "MB recv", "GB/s", "ceiling"
+        "{:>6}  {:<28} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
+        "T",
+        "phase",
+        "p10 µs",
+        "median",
+        "p90 µs",
+        "MB recv",
+        "GB/s",
+        "ceiling",
+        "floor µs",
+        "x floor",
+        "syncs",
+        "ctrl",
+        "exch",
+        "kern"
     );
     let mut json = Vec::new();
     for (n, &tokens) in o.tokens.iter().enumerate() {
@@ -360,6 +441,7 @@ fn main() {
                 |_| Default::default(),
                 dtype,
                 hidden,
+                shared_gpu,
             ),
             #[cfg(feature = "wgpu")]
             "wgpu" => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
@@ -368,6 +450,7 @@ fn main() {
                 |_| Default::default(),
                 dtype,
                 hidden,
+                shared_gpu,
             ),
             #[cfg(feature = "cuda")]
             "cuda" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
@@ -376,6 +459,7 @@ fn main() {
                 burn::backend::cuda::CudaDevice::new,
                 dtype,
                 hidden,
+                shared_gpu,
             ),
             other => {
                 eprintln!("bench: backend {other} is not built in (see --help)");
@@ -383,23 +467,39 @@ fn main() {
             }
         };
         for p in &phases {
-            let (median, min, max) = p.stats();
+            let (p10, median, p90) = p.stats();
             let gbps = p.bytes as f64 / (median * 1e-6) / 1e9;
-            let fraction = ceiling.as_ref().map(|(_, c)| gbps / c);
-            let shown = match fraction {
-                Some(f) if p.bytes > 0 => format!("{:.1}%", 100.0 * f),
-                _ => "-".into(),
-            };
+            let fraction = rates.ceiling().filter(|_| p.bytes > 0).map(|c| gbps / c);
+            // A copy of n bytes reads and writes n bytes: HBM moves 2n.
+            let floor_us = rates
+                .device
+                .filter(|_| p.floor_bytes > 0)
+                .map(|r| p.floor_bytes as f64 / (2.0 * r * 1e9) * 1e6);
+            let shown = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".into(), f);
+            let c = p.counts;
             println!(
-                "{tokens:>6}  {:<28} {median:>10.1} {min:>10.1} {max:>10.1} {:>9.2} {gbps:>8.2} {shown:>9}",
+                "{tokens:>6}  {:<28} {p10:>9.1} {median:>9.1} {p90:>9.1} {:>8.2} {gbps:>8.2} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
                 p.name,
-                p.bytes as f64 / 1e6
+                p.bytes as f64 / 1e6,
+                shown(fraction, &|f| format!("{:.1}%", 100.0 * f)),
+                shown(floor_us, &|f| format!("{f:.1}")),
+                shown(floor_us, &|f| format!("{:.2}", median / f)),
+                c.host_syncs,
+                c.control_messages,
+                c.exchanges,
+                c.kernel_launches,
             );
+            let json_num = |v: Option<f64>| v.map_or("null".into(), |v| format!("{v:.4}"));
             json.push(format!(
-                "{{\"tokens\":{tokens},\"phase\":\"{}\",\"median_us\":{median:.2},\"min_us\":{min:.2},\"max_us\":{max:.2},\"bytes\":{},\"gbps\":{gbps:.3},\"ceiling_fraction\":{}}}",
+                "{{\"tokens\":{tokens},\"phase\":\"{}\",\"p10_us\":{p10:.2},\"median_us\":{median:.2},\"p90_us\":{p90:.2},\"bytes\":{},\"gbps\":{gbps:.3},\"ceiling_fraction\":{},\"floor_us\":{},\"host_syncs\":{},\"control_messages\":{},\"exchanges\":{},\"kernel_launches\":{}}}",
                 p.name,
                 p.bytes,
-                fraction.filter(|_| p.bytes > 0).map_or("null".into(), |f| format!("{f:.4}"))
+                json_num(fraction),
+                json_num(floor_us),
+                c.host_syncs,
+                c.control_messages,
+                c.exchanges,
+                c.kernel_launches,
             ));
         }
     }
@@ -407,7 +507,7 @@ fn main() {
         let body = format!(
             "{{\"backend\":\"{}\",\"ranks\":{},\"hidden\":{hidden},\"top_k\":{},\"experts\":{},\"dtype\":\"{dtype:?}\",\"routing\":\"{}\",\"transport\":\"{}\",\"ceiling_gbps\":{},\"results\":[{}]}}\n",
             o.backend, o.ranks, o.top_k, o.experts, o.routing, o.transport,
-            ceiling.as_ref().map_or("null".into(), |(_, c)| format!("{c:.2}")),
+            rates.ceiling().map_or("null".into(), |c| format!("{c:.2}")),
             json.join(",")
         );
         std::fs::write(path, body).expect("writing the JSON file");

@@ -286,3 +286,64 @@ fn runners_refuse_an_empty_world() {
     assert!(matches!(launched, Err(EpError::InvalidConfig(m)) if m.contains("world_size")));
     assert_eq!(ran.into_inner(), 0);
 }
+
+/// What each operation makes, as the library counts it (the bench prints the same):
+/// a recording dispatch exchanges expert ids, rows and weights, each after a
+/// pairing check, plus the count exchange's check and counts; a replay and a
+/// combine make one checked exchange each. Host synchronisations depend on the
+/// backend (NdArray reads its inputs on the host), so only the CubeCL backend's are
+/// pinned: the layout's count read and, on the local transport, one read per
+/// exchange that sends rows.
+#[rstest]
+fn operations_make_the_counted_messages_and_exchanges(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+) {
+    if !runs_here(which) {
+        return;
+    }
+    match which {
+        Which::NdArray => counted::<NdArray>(Default::default(), false),
+        Which::Cube => counted::<Cube>(Default::default(), true),
+    }
+}
+
+fn counted<B: ExpertParallelBackend>(device: B::Device, check_syncs: bool) {
+    use burn_ep::counters::{snapshot, Counts};
+    let config = EpConfig::new(2, 4, 2, 8);
+    let batches = synthetic_batches(
+        &config,
+        6,
+        RoutingPattern::Uniform,
+        SentinelPattern::None,
+        11,
+    );
+    let counts = run_group_on::<B, _, _>(burn_ep::Transport::Local, &config, &device, |group| {
+        let (x, idx, w) = inputs::<B>(&batches[group.rank()], config.top_k, &device);
+        let counted = |f: &mut dyn FnMut() -> ep_core::EpResult<()>| {
+            let before = snapshot();
+            f().map(|_| snapshot() - before)
+        };
+        let mut routing = None;
+        let record = counted(&mut || {
+            routing = Some(group.dispatch(x.clone(), idx.clone(), w.clone())?);
+            Ok(())
+        })?;
+        let d = routing.expect("recorded");
+        let replay = counted(&mut || group.dispatch_cached(x.clone(), &d.routing).map(|_| ()))?;
+        let combine = counted(&mut || group.combine(d.rows.clone(), &d.routing).map(|_| ()))?;
+        Ok([record, replay, combine])
+    });
+    for (rank, result) in counts.into_iter().enumerate() {
+        let [record, replay, combine] = result.unwrap();
+        let messages = |c: Counts| (c.control_messages, c.exchanges);
+        assert_eq!(messages(record), (5, 3), "rank {rank}: recording dispatch");
+        assert_eq!(messages(replay), (1, 1), "rank {rank}: cached dispatch");
+        assert_eq!(messages(combine), (1, 1), "rank {rank}: combine");
+        if check_syncs {
+            // Every rank sends rows in every exchange here (uniform routing).
+            assert_eq!(record.host_syncs, 4, "rank {rank}: recording dispatch");
+            assert_eq!(replay.host_syncs, 1, "rank {rank}: cached dispatch");
+            assert_eq!(combine.host_syncs, 1, "rank {rank}: combine");
+        }
+    }
+}

@@ -19,7 +19,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorMetadata, TensorPrimitive};
 use ep_core::layout::SendLayout;
-use ep_core::{validate, EpConfig, EpResult};
+use ep_core::{counters, validate, EpConfig, EpResult};
 
 use crate::exchange::{host_exchange, host_exchange_ints, ExchangeOp, ExchangeTag, SharedExchange};
 
@@ -532,6 +532,7 @@ pub(crate) fn int_tensor<B: Backend, const D: usize>(
 }
 
 pub(crate) fn host_ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    counters::host_sync();
     t.into_data().iter::<i64>().collect()
 }
 

@@ -12,7 +12,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use cubecl::features::Plane;
 use cubecl::prelude::*;
-use ep_core::{validate, EpConfig, EpError, EpResult};
+use ep_core::{counters, validate, EpConfig, EpError, EpResult};
 use ep_kernels::{expand, layout, pack, reduce, slots, sum};
 
 use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed};
@@ -41,6 +41,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         let in_rank = alloc::<R, _>(&client, &device, [tokens, world], DType::U32);
         let slots_out = alloc::<R, _>(&client, &device, [tokens, world], int_dtype);
 
+        counters::kernel_launch();
         layout::layout_kernel::launch::<R>(
             &client,
             elementwise_count(tokens),
@@ -56,6 +57,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             int_dtype.into(),
         );
         column_scan::<R>(&in_rank, &slots_out, stats.clone(), tokens, world);
+        counters::kernel_launch();
         slots::offset_slots_kernel::launch::<R>(
             &client,
             elementwise_count(tokens * world),
@@ -179,6 +181,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         let local_experts = expert_offsets.len();
         let member = alloc::<R, _>(&client, &device, [rows, local_experts], DType::U32);
         let ranks = alloc::<R, _>(&client, &device, [rows, local_experts], int_dtype);
+        counters::kernel_launch();
         layout::membership_kernel::launch::<R>(
             &client,
             elementwise_count(rows),
@@ -195,6 +198,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         let offsets: Vec<u32> = expert_offsets.iter().map(|&o| o as u32).collect();
         let offsets = client.create_from_slice(u32_bytes(&offsets));
         let positions = alloc::<R, _>(&client, &device, [rows, top_k], int_dtype);
+        counters::kernel_launch();
         slots::positions_kernel::launch::<R>(
             &client,
             elementwise_count(rows * top_k),
@@ -264,6 +268,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         let [rows, top_k] = dims2(&positions);
         let out = alloc::<R, _>(&y.client, &y.device, [rows, hidden], y.dtype);
         let n = vector_size::<R>(&y.client, hidden, y.dtype);
+        counters::kernel_launch();
         reduce::reduce_kernel::launch::<R>(
             &y.client,
             row_count(rows),
@@ -288,6 +293,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         let [tokens, world] = dims2(&slots);
         let out = alloc::<R, _>(&back.client, &back.device, [tokens, hidden], back.dtype);
         let n = vector_size::<R>(&back.client, hidden, back.dtype);
+        counters::kernel_launch();
         sum::sum_kernel::launch::<R>(
             &back.client,
             row_count(tokens),
@@ -335,6 +341,7 @@ fn launch_pack<R: CubeRuntime>(
         None => (slots.clone(), slots.clone(), 0, 1, 0),
     };
     let dtypes = [x.dtype.into(), idx.dtype.into()];
+    counters::kernel_launch();
     pack::pack_kernel::launch::<R>(
         &x.client,
         row_count(tokens),
@@ -371,6 +378,7 @@ fn launch_expand<R: CubeRuntime>(
         None => (rows.clone(), rows.clone(), 0u32),
     };
     let weight_dtype = recv_w.dtype;
+    counters::kernel_launch();
     expand::expand_kernel::launch::<R>(
         &rows.client,
         row_count(padded_rows),
@@ -399,6 +407,7 @@ fn origin_of<R: CubeRuntime>(positions: &CubeTensor<R>, padded_rows: usize) -> C
         [padded_rows],
         positions.dtype,
     );
+    counters::kernel_launch();
     slots::fill_kernel::launch::<R>(
         &positions.client,
         elementwise_count(padded_rows),
@@ -408,6 +417,7 @@ fn origin_of<R: CubeRuntime>(positions: &CubeTensor<R>, padded_rows: usize) -> C
         -1i64,
         origin.dtype.into(),
     );
+    counters::kernel_launch();
     slots::invert_positions_kernel::launch::<R>(
         &positions.client,
         elementwise_count(rows * top_k),
@@ -431,6 +441,7 @@ fn column_scan<R: CubeRuntime>(
 ) {
     let client = &flags.client;
     let use_plane = plane_scan_enabled(client);
+    counters::kernel_launch();
     slots::column_scan_kernel::launch::<R>(
         client,
         CubeCount::Static(cols as u32, 1, 1),
@@ -509,6 +520,7 @@ fn read_u32<R: CubeRuntime>(
     client: &ComputeClient<R>,
     handle: cubecl::server::Handle,
 ) -> Result<Vec<u32>, String> {
+    counters::host_sync();
     let bytes = client
         .read_one(handle)
         .map_err(|e| format!("reading the layout's counts failed: {e}"))?;

@@ -7,7 +7,7 @@ use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
-use ep_core::{EpError, EpResult};
+use ep_core::{counters, EpError, EpResult};
 
 use crate::cube::alloc;
 use crate::exchange::{ExchangeTag, SharedExchange};
@@ -31,6 +31,7 @@ pub(crate) fn device_exchange<R: CubeRuntime>(
     let recv = (received > 0).then(|| alloc::<R, 2>(&client, device, [received, cols], dtype));
     // The pack that wrote the send buffer and the allocation of the receive buffer
     // are queued on this thread's stream; the copies run on the transport's streams.
+    counters::host_sync();
     cubecl::future::block_on(client.sync()).map_err(|e| {
         exchange.device_failed(format_args!(
             "synchronising before the exchange failed: {e}"

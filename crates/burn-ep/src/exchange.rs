@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use burn::tensor::backend::{Backend, ExecutionError};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use ep_core::{EpError, EpResult};
+use ep_core::{counters, EpError, EpResult};
 use ep_mesh::{Control, DeviceExchange, LocalComm};
 
 use crate::backend::{float, int, upload};
@@ -295,6 +295,7 @@ impl SharedExchange {
         recv_counts: &[usize],
     ) -> EpResult<Option<TensorData>> {
         self.check_pairing(tag, send_counts, recv_counts)?;
+        counters::exchange();
         self.0.rows.exchange_rows(rows, send_counts)
     }
 
@@ -312,6 +313,7 @@ impl SharedExchange {
             EpError::Transport("this transport has no device path for rows".into())
         })?;
         self.check_pairing(tag, send_counts, recv_counts)?;
+        counters::exchange();
         transport.all_to_all_v(send, send_counts, recv, recv_counts, row_bytes)
     }
 }
@@ -358,6 +360,7 @@ fn read_rows(
     data: Result<TensorData, ExecutionError>,
     exchange: &SharedExchange,
 ) -> EpResult<TensorData> {
+    counters::host_sync();
     data.map_err(|e| exchange.device_failed(format_args!("reading rows to send failed: {e}")))
 }
 

@@ -23,7 +23,7 @@ mod transfer;
 pub mod zero_size;
 
 pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RoutePlan};
-pub use ep_core::{EpConfig, EpError, EpResult};
+pub use ep_core::{counters, EpConfig, EpError, EpResult};
 pub use ep_mesh::{
     local_comms, run_local, Control, DeviceExchange, LocalComm, Mesh, DEFAULT_TIMEOUT,
 };

@@ -4,8 +4,10 @@
 //! - [`validate`] checks routing inputs; [`padding`] does the sequence-parallel arithmetic.
 //! - [`layout`] is the host-side send layout the tensor-op fallback uses.
 //! - [`reference`] is the plain-Rust oracle every backend and transport is tested against.
+//! - [`counters`] counts what the data path does, for the bench.
 
 mod config;
+pub mod counters;
 mod error;
 pub mod layout;
 pub mod padding;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::{result, sys};
-use ep_core::{EpError, EpResult};
+use ep_core::{counters, EpError, EpResult};
 
 use crate::device_exchange::{check_counts, DeviceExchange};
 use crate::local::{local_comms, run_threads, LocalComm};
@@ -251,6 +251,7 @@ impl CudaPeerComm {
 
     fn wait_copies(&self) -> EpResult<()> {
         for stream in &self.streams {
+            counters::host_sync();
             unsafe { result::stream::synchronize(stream.0) }
                 .map_err(|e| driver("cuStreamSynchronize", e))?;
         }
@@ -274,6 +275,7 @@ impl CudaPeerComm {
             .iter()
             .map(|&(address, rows)| Landing { address, rows })
             .collect();
+        counters::control_message();
         let landings: Vec<Landing> = self.control.all_to_all(landings)?;
 
         set_current(&self.contexts, self.device())?;
@@ -298,6 +300,7 @@ impl CudaPeerComm {
         let finished = self.wait_copies();
         // Every rank meets here, on success or failure alike, so no peer waits for a
         // barrier that never comes.
+        counters::control_message();
         let status: Vec<Result<(), String>> =
             self.control.all_to_all(vec![
                 started

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ep_core::{EpError, EpResult};
+use ep_core::{counters, EpError, EpResult};
 
 use crate::control::{check_call, Control};
 use crate::Mesh;
@@ -308,6 +308,7 @@ impl Control for LocalComm {
     }
 
     fn all_to_all_bytes(&self, send: Vec<Vec<u8>>, recv_lens: &[usize]) -> EpResult<Vec<Vec<u8>>> {
+        counters::control_message();
         let me = self.rank();
         check_call(me, self.world_size(), &send, recv_lens)?;
         let received = self.all_to_all(send)?;

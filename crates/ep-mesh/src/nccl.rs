@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{result, sys};
 use cudarc::nccl::sys as nccl;
-use ep_core::{EpError, EpResult};
+use ep_core::{counters, EpError, EpResult};
 
 use crate::control::{check_call, Control};
 use crate::cuda_peer::{driver, primary_context, segments, Raw};
@@ -337,6 +337,7 @@ impl NcclComm {
         deadline: Instant,
         peers: impl Fn() -> Vec<usize>,
     ) -> EpResult<()> {
+        counters::host_sync();
         let mut polls = 0u32;
         loop {
             match unsafe { sys::cuStreamQuery(self.stream.0) } {
@@ -532,6 +533,7 @@ impl Control for NcclComm {
 
     fn all_to_all_bytes(&self, send: Vec<Vec<u8>>, recv_lens: &[usize]) -> EpResult<Vec<Vec<u8>>> {
         check_call(self.rank, self.world_size, &send, recv_lens)?;
+        counters::control_message();
         let outgoing: Vec<u8> = send.concat();
         let incoming_len: usize = recv_lens.iter().sum();
         let address = {
