@@ -281,7 +281,7 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
             let arrived = exchange_once();
             let expand = timed(&mut || {
                 if let (Some(r), Some(p)) = (&arrived, &plan.positions) {
-                    B::ep_expand(r.clone(), p.clone(), plan.padded_rows);
+                    B::ep_expand(r.clone(), p.clone(), plan.padded_rows, &plan.pads);
                 }
             });
             let bytes = received * hidden * elem;

@@ -169,36 +169,3 @@ pub fn positions_kernel<I: Int>(
         positions[at] = I::new(-1);
     }
 }
-
-/// One unit per element: `out[i] = value`.
-#[cube(launch)]
-pub fn fill_kernel<I: Int>(
-    out: &mut Array<I>,
-    len: usize,
-    value: i64,
-    #[define(I)] _dtype: StorageType,
-) {
-    let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
-    if at < len {
-        out[at] = I::cast_from(value);
-    }
-}
-
-/// One unit per (received row, slot): `origin[positions[at]] = at` (the inverse of
-/// `positions`; `origin` pre-filled with `-1` keeps pad rows at `-1`).
-#[cube(launch)]
-pub fn invert_positions_kernel<I: Int>(
-    positions: &Array<I>,
-    origin: &mut Array<I>,
-    len: usize,
-    #[define(I)] _dtype: StorageType,
-) {
-    let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
-    if at >= len {
-        terminate!();
-    }
-    let p = positions[at];
-    if p >= I::new(0) {
-        origin[usize::cast_from(p)] = I::cast_from(at);
-    }
-}

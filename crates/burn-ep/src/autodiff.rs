@@ -88,19 +88,27 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         rows: FloatTensor<Self>,
         positions: IntTensor<Self>,
         padded_rows: usize,
+        pads: &[u32],
     ) -> FloatTensor<Self> {
-        Self::from_inner(B::ep_expand(Self::inner(rows), positions, padded_rows))
+        Self::from_inner(B::ep_expand(
+            Self::inner(rows),
+            positions,
+            padded_rows,
+            pads,
+        ))
     }
 
     fn ep_expand_weights(
         weights: FloatTensor<Self>,
         positions: IntTensor<Self>,
         padded_rows: usize,
+        pads: &[u32],
     ) -> FloatTensor<Self> {
         Self::from_inner(B::ep_expand_weights(
             Self::inner(weights),
             positions,
             padded_rows,
+            pads,
         ))
     }
 
@@ -476,10 +484,15 @@ impl<B: ExpertParallelBackend> Backward<B, 3> for CombineBackward {
         let (grad_y, grad_w) = match (received, &s.plan.positions) {
             (Some(received), Some(positions)) => {
                 // Each expert-major row gets its received row's gradient.
-                let expanded = float::<B, 2>(B::ep_expand(received, positions.clone(), p));
+                let expanded =
+                    float::<B, 2>(B::ep_expand(received, positions.clone(), p, &s.plan.pads));
                 let grad_y = y_tracked.then(|| {
-                    let row_w =
-                        float::<B, 1>(B::ep_expand_weights(weights.clone(), positions.clone(), p));
+                    let row_w = float::<B, 1>(B::ep_expand_weights(
+                        weights.clone(),
+                        positions.clone(),
+                        p,
+                        &s.plan.pads,
+                    ));
                     (expanded.clone() * row_w.cast(s.dtype).reshape([p, 1]))
                         .into_primitive()
                         .tensor()

@@ -37,6 +37,8 @@ pub struct RoutePlan<I, D> {
     pub recv_counts: Vec<usize>,
     /// Expert-major rows, alignment padding included.
     pub padded_rows: usize,
+    /// The expert-major rows that are alignment padding (no slot names them).
+    pub pads: Vec<u32>,
     pub device: D,
     /// `[tokens, W]` send slots; `None` when there are no tokens.
     pub slots: Option<I>,
@@ -185,11 +187,14 @@ pub trait ExpertParallelBackend: Backend {
         int_tensor::<Self, 2>(positions, shape, &device).into_primitive()
     }
 
-    /// Expand: received rows `[R, H]` to expert-major rows `[P, H]`; pad rows zero.
+    /// Expand: received rows `[R, H]` to expert-major rows `[P, H]`; the pad rows
+    /// (`pads`, which no position names) zero. (This default gathers, and finds the
+    /// pads itself.)
     fn ep_expand(
         rows: FloatTensor<Self>,
         positions: IntTensor<Self>,
         padded_rows: usize,
+        _pads: &[u32],
     ) -> FloatTensor<Self> {
         let rows = float::<Self, 2>(rows);
         let [received, hidden] = rows.dims();
@@ -211,11 +216,12 @@ pub trait ExpertParallelBackend: Backend {
     }
 
     /// The weight of every expert-major row `[P]` from the received weights `[R, K]`;
-    /// zero on pad rows.
+    /// zero on the pad rows `pads` (this default finds them itself).
     fn ep_expand_weights(
         weights: FloatTensor<Self>,
         positions: IntTensor<Self>,
         padded_rows: usize,
+        _pads: &[u32],
     ) -> FloatTensor<Self> {
         let weights = float::<Self, 2>(weights);
         let [received, k] = weights.dims();
@@ -248,10 +254,12 @@ pub trait ExpertParallelBackend: Backend {
         let y = float::<Self, 2>(y);
         let [padded_rows, _] = y.dims();
         let dtype = y.dtype();
+        // The default expand of the weights finds the pads itself.
         let row_weights = float::<Self, 1>(Self::ep_expand_weights(
             weights,
             positions.clone(),
             padded_rows,
+            &[],
         ));
         let weighted = y * row_weights.cast(dtype).reshape([padded_rows, 1]);
         let positions = int::<Self, 2>(positions);
@@ -390,7 +398,7 @@ pub trait ExpertParallelBackend: Backend {
         let received = Self::ep_route_rows(x, plan, exchange, ExchangeOp::Rows)?;
         Ok(match (received, &plan.positions) {
             (Some(rows), Some(positions)) => {
-                Self::ep_expand(rows, positions.clone(), plan.padded_rows)
+                Self::ep_expand(rows, positions.clone(), plan.padded_rows, &plan.pads)
             }
             _ => zeros::<Self>([plan.padded_rows, hidden], &plan.device, dtype),
         })

@@ -219,17 +219,29 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         rows: FloatTensor<Self>,
         positions: IntTensor<Self>,
         padded_rows: usize,
+        pads: &[u32],
     ) -> FloatTensor<Self> {
         let (rows, positions) = (into_contiguous(rows), into_contiguous(positions));
-        let origin = origin_of::<R>(&positions, padded_rows);
-        let [_, hidden] = dims2(&rows);
-        let out = alloc::<R, _>(
-            &rows.client,
-            &rows.device,
-            [padded_rows, hidden],
-            rows.dtype,
+        let [received, hidden] = dims2(&rows);
+        let top_k = dims2(&positions)[1];
+        let client = rows.client.clone();
+        let out = alloc::<R, _>(&client, &rows.device, [padded_rows, hidden], rows.dtype);
+        let n = vector_size::<R>(&client, hidden, rows.dtype);
+        counters::kernel_launch();
+        expand::expand_kernel::launch::<R>(
+            &client,
+            row_count(received),
+            CubeDim::new_1d(ROW_BLOCK),
+            n,
+            rows.clone().into_array_arg(),
+            positions.clone().into_array_arg(),
+            out.clone().into_array_arg(),
+            received,
+            hidden / n,
+            top_k,
+            [rows.dtype.into(), positions.dtype.into()],
         );
-        launch_expand::<R>(&rows, &origin, &out, None, dims2(&positions)[1]);
+        zero_pads::<R>(&out, pads, hidden / n, n);
         out
     }
 
@@ -237,20 +249,24 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         weights: FloatTensor<Self>,
         positions: IntTensor<Self>,
         padded_rows: usize,
+        pads: &[u32],
     ) -> FloatTensor<Self> {
         let (weights, positions) = (into_contiguous(weights), into_contiguous(positions));
-        let origin = origin_of::<R>(&positions, padded_rows);
-        let top_k = dims2(&positions)[1];
-        let out = alloc::<R, _>(
-            &weights.client,
-            &weights.device,
-            [padded_rows],
-            weights.dtype,
+        let [received, top_k] = dims2(&positions);
+        let client = weights.client.clone();
+        let out = alloc::<R, _>(&client, &weights.device, [padded_rows], weights.dtype);
+        counters::kernel_launch();
+        expand::expand_weights_kernel::launch::<R>(
+            &client,
+            elementwise_count(received * top_k),
+            CubeDim::new_1d(ELEMENT_BLOCK),
+            weights.clone().into_array_arg(),
+            positions.clone().into_array_arg(),
+            out.clone().into_array_arg(),
+            received * top_k,
+            [weights.dtype.into(), positions.dtype.into()],
         );
-        // Rows of the gather are single weights: the weights viewed as [R*K, 1].
-        let flat = reshape::<R, 2>(weights, [dims2(&positions)[0] * top_k, 1]);
-        let scratch = alloc::<R, _>(&flat.client, &flat.device, [padded_rows, 1], flat.dtype);
-        launch_expand::<R>(&flat, &origin, &scratch, Some((&flat, &out)), top_k);
+        zero_pads::<R>(&out, pads, 1, 1);
         out
     }
 
@@ -362,72 +378,26 @@ fn launch_pack<R: CubeRuntime>(
     );
 }
 
-/// Expand launch. `weights` is `(recv_weights, out_weights)` to also gather each
-/// expert-major row's weight.
-fn launch_expand<R: CubeRuntime>(
-    rows: &CubeTensor<R>,
-    origin: &CubeTensor<R>,
-    out: &CubeTensor<R>,
-    weights: Option<(&CubeTensor<R>, &CubeTensor<R>)>,
-    top_k: usize,
-) {
-    let [padded_rows, hidden] = dims2(out);
-    let n = vector_size::<R>(&rows.client, hidden, rows.dtype);
-    let (recv_w, out_w, record) = match weights {
-        Some((rw, ow)) => (rw.clone(), ow.clone(), 1u32),
-        None => (rows.clone(), rows.clone(), 0u32),
-    };
-    let weight_dtype = recv_w.dtype;
+/// Zeros the expert-major rows that are alignment padding (`pads`), which no slot
+/// names; `row_vectors` vectors of `n` per row.
+fn zero_pads<R: CubeRuntime>(out: &CubeTensor<R>, pads: &[u32], row_vectors: usize, n: usize) {
+    if pads.is_empty() {
+        return;
+    }
+    let client = &out.client;
+    let pad_list = client.create_from_slice(u32_bytes(pads));
     counters::kernel_launch();
-    expand::expand_kernel::launch::<R>(
-        &rows.client,
-        row_count(padded_rows),
+    expand::zero_rows_kernel::launch::<R>(
+        client,
+        row_count(pads.len()),
         CubeDim::new_1d(ROW_BLOCK),
         n,
-        rows.clone().into_array_arg(),
-        origin.clone().into_array_arg(),
         out.clone().into_array_arg(),
-        recv_w.into_array_arg(),
-        out_w.into_array_arg(),
-        padded_rows,
-        hidden / n,
-        top_k,
-        record,
-        [rows.dtype.into(), weight_dtype.into(), origin.dtype.into()],
+        unsafe { ArrayArg::from_raw_parts(pad_list, pads.len()) },
+        pads.len(),
+        row_vectors,
+        out.dtype.into(),
     );
-}
-
-/// For every expert-major row, the (row × K + slot) it comes from, or -1 for pads:
-/// the inverse of `positions [R, K]`.
-fn origin_of<R: CubeRuntime>(positions: &CubeTensor<R>, padded_rows: usize) -> CubeTensor<R> {
-    let [rows, top_k] = dims2(positions);
-    let origin = alloc::<R, _>(
-        &positions.client,
-        &positions.device,
-        [padded_rows],
-        positions.dtype,
-    );
-    counters::kernel_launch();
-    slots::fill_kernel::launch::<R>(
-        &positions.client,
-        elementwise_count(padded_rows),
-        CubeDim::new_1d(ELEMENT_BLOCK),
-        origin.clone().into_array_arg(),
-        padded_rows,
-        -1i64,
-        origin.dtype.into(),
-    );
-    counters::kernel_launch();
-    slots::invert_positions_kernel::launch::<R>(
-        &positions.client,
-        elementwise_count(rows * top_k),
-        CubeDim::new_1d(ELEMENT_BLOCK),
-        positions.clone().into_array_arg(),
-        origin.clone().into_array_arg(),
-        rows * top_k,
-        origin.dtype.into(),
-    );
-    origin
 }
 
 /// Column scan of a `[rows, cols]` u32 0/1 matrix into `slots` (same shape, int),
@@ -504,11 +474,6 @@ pub(crate) fn alloc<R: CubeRuntime, const D: usize>(
         handle,
         dtype,
     )
-}
-
-/// A contiguous tensor seen with another shape of the same size.
-fn reshape<R: CubeRuntime, const D: usize>(t: CubeTensor<R>, shape: [usize; D]) -> CubeTensor<R> {
-    CubeTensor::new_contiguous(t.client, t.device, Shape::new(shape), t.handle, t.dtype)
 }
 
 fn dims2<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {

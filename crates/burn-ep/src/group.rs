@@ -215,6 +215,11 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             expert_offsets.push(expert_offsets.last().unwrap() + c.aligned(count));
         }
         let padded_rows = *expert_offsets.last().unwrap();
+        // Alignment padding: the rows after each expert's own, up to the next group.
+        let pads: Vec<u32> = (0..local)
+            .flat_map(|j| expert_offsets[j] + expert_counts[j]..expert_offsets[j + 1])
+            .map(|row| row as u32)
+            .collect();
 
         // Destination-local expert ids of every sent row, then the receive-side slots.
         let sent: usize = send_counts.iter().sum();
@@ -246,6 +251,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             send_counts,
             recv_counts,
             padded_rows,
+            pads,
             device: self.device.clone(),
             slots,
             positions,
@@ -267,6 +273,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
                 w.clone().detach().into_primitive().tensor(),
                 positions.clone(),
                 padded_rows,
+                &plan.pads,
             )),
             _ => zeros_tensor::<B, 1>([padded_rows], &self.device, dtype),
         };
