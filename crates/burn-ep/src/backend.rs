@@ -499,12 +499,11 @@ pub(crate) fn zeros<B: Backend>(
     device: &B::Device,
     dtype: DType,
 ) -> FloatTensor<B> {
-    zeros_tensor::<B, 2>(shape, device, dtype)
-        .into_primitive()
-        .tensor()
+    zeros_of::<B>(Shape::new(shape), device, dtype)
 }
 
-/// Zeros of any rank; a zero-size tensor is allocated without a kernel launch.
+/// Zeros of any rank. A zero-size tensor is allocated without a kernel launch: CUDA
+/// refuses to launch a grid of zero blocks, which a zero-size fill would be.
 pub(crate) fn zeros_of<B: Backend>(
     shape: Shape,
     device: &B::Device,
@@ -517,18 +516,17 @@ pub(crate) fn zeros_of<B: Backend>(
     }
 }
 
-/// Zeros of `shape`. A zero-size tensor is allocated without a kernel launch: CUDA
-/// refuses to launch a grid of zero blocks, which a zero-size fill would be.
+/// [`zeros_of`] as a tensor of `D` dimensions.
 pub(crate) fn zeros_tensor<B: Backend, const D: usize>(
     shape: [usize; D],
     device: &B::Device,
     dtype: DType,
 ) -> Tensor<B, D> {
-    if shape.contains(&0) {
-        Tensor::empty(shape, (device, dtype))
-    } else {
-        Tensor::zeros(shape, (device, dtype))
-    }
+    Tensor::from_primitive(TensorPrimitive::Float(zeros_of::<B>(
+        Shape::new(shape),
+        device,
+        dtype,
+    )))
 }
 
 pub(crate) fn int_tensor<B: Backend, const D: usize>(
