@@ -261,6 +261,13 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
             let pack = timed(&mut || {
                 packed();
             });
+            // Eight packs with no synchronisation between: what a launch costs the
+            // host when nothing waits on the device.
+            let packs = timed(&mut || {
+                for _ in 0..8 {
+                    packed();
+                }
+            });
             let sent = packed();
             let exchange_once = || {
                 B::ep_exchange(
@@ -310,6 +317,7 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 phase("step: layout (+count read)", layout, 0, 0),
                 phase("step: control message", control, 0, 0),
                 phase("step: pack", pack, 0, 0),
+                phase("step: 8 packs, no sync between", packs, 0, 0),
                 phase("step: row exchange", exchange_time, bytes, 0),
                 phase("step: expand", expand, 0, 0),
                 phase("step: device sync alone", sync, 0, 0),

@@ -401,6 +401,50 @@ fn ranks_making_different_calls_get_a_named_error() {
     }
 }
 
+/// A row exchange meeting another call: rank 0 combines while rank 1 is at a
+/// barrier. Both name both calls, on every backend (on CUDA with cuda-peer, the
+/// check rides in the combine's landing message).
+fn exchange_against_a_barrier<B: ExpertParallelBackend>(device: B::Device) {
+    let case = case(Graph::SideBySide, &[4, 4]);
+    let results = run_group::<B, _, _>(&case.config, &device, |group: &EpGroup<B>| {
+        let rank = group.rank();
+        let x = floats::<B>(&case.x[rank][0], [4, H], &device);
+        let w = floats::<B>(&case.weights[rank][0], [4, K], &device);
+        let idx = ints::<B>(&case.idx[rank][0], [4, K], &device);
+        let d = group.dispatch(x, idx, w)?;
+        if rank == 0 {
+            group.combine(d.rows, &d.routing).map(|_| ())
+        } else {
+            group.barrier()
+        }
+    });
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Err(EpError::ExchangeMismatch { expected, got, .. }) => {
+                let (mine, theirs) = if rank == 0 {
+                    ("combine", "barrier")
+                } else {
+                    ("barrier", "combine")
+                };
+                assert!(expected.contains(mine), "rank {rank}: {expected}");
+                assert!(got.contains(theirs), "rank {rank}: {got}");
+            }
+            other => panic!("rank {rank}: expected a mismatch, got {other:?}"),
+        }
+    }
+}
+
+#[rstest]
+fn a_row_exchange_against_a_barrier_is_named(#[values(Which::NdArray, Which::Cube)] which: Which) {
+    if !runs_here(which) {
+        return;
+    }
+    match which {
+        Which::NdArray => exchange_against_a_barrier::<NdArray>(Default::default()),
+        Which::Cube => exchange_against_a_barrier::<Cube>(Default::default()),
+    }
+}
+
 /// Rank 1 leaves operation B out of its loss, so its backward pass has one
 /// exchange fewer: every rank's backward stops with a message naming the handle
 /// and what differed, instead of pairing operation A with operation B.

@@ -58,8 +58,10 @@ pub fn layout_kernel<I: Int>(
     }
 }
 
-/// One unit per received row: `member [R, L]` gets 1 where one of the row's slots
-/// names local expert `j` (`local_ids [R, K]`, `-1` for slots of other ranks).
+/// One unit per (local expert `j`, received row `i`): `member [L, R]` (column-major,
+/// so neighbouring units write neighbouring words and the scan reads each expert's
+/// column contiguously) is 1 where one of the row's slots names `j` (`local_ids
+/// [R, K]`, `-1` for slots of other ranks).
 #[cube(launch)]
 pub fn membership_kernel<I: Int>(
     local_ids: &Array<I>,
@@ -69,17 +71,17 @@ pub fn membership_kernel<I: Int>(
     local_experts: usize,
     #[define(I)] _dtype: StorageType,
 ) {
-    let i = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
-    if i >= rows {
+    let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
+    if at >= rows * local_experts {
         terminate!();
     }
-    for j in 0..local_experts {
-        member[i * local_experts + j] = 0u32;
-    }
+    let j = I::cast_from(at / rows);
+    let i = at % rows;
+    let mut hit = 0u32;
     for k in 0..top_k {
-        let j = local_ids[i * top_k + k];
-        if j >= I::new(0) {
-            member[i * local_experts + usize::cast_from(j)] = 1u32;
+        if local_ids[i * top_k + k] == j {
+            hit = 1u32;
         }
     }
+    member[at] = hit;
 }

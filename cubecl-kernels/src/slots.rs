@@ -10,6 +10,9 @@ use cubecl::prelude::*;
 /// Threads per cube of the scan kernels.
 pub const SCAN_BLOCK: usize = 256;
 
+/// Consecutive rows each unit of the column scan takes per chunk.
+pub const SCAN_ITEMS: usize = 16;
+
 /// Inclusive prefix sum of `value` across the cube; returns (inclusive, cube total).
 /// `shared` holds `block + 1` entries.
 #[allow(unused_assignments)]
@@ -72,17 +75,24 @@ fn block_scan(
     (inclusive, total)
 }
 
-/// One cube per column of a `[rows, cols]` 0/1 matrix: `slots[r, c]` is the number
-/// of set entries above row `r` in column `c` where `flags[r, c]` is set, else `-1`;
-/// `totals[c]` is the column's count.
+/// One cube per column of a `rows × cols` 0/1 matrix whose entry `(r, c)` is at
+/// `r * row_stride + c * col_stride` (row-major or column-major): `slots` (same
+/// layout) gets, where the flag is set, the number of set entries above it in its
+/// column, else `-1`; `totals[c]` is the column's count. Each unit scans `items`
+/// consecutive rows of a chunk serially (independent loads in flight), and the
+/// cube scans the units' counts.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 pub fn column_scan_kernel<I: Int>(
     flags: &Array<u32>,
     slots: &mut Array<I>,
     totals: &mut Array<u32>,
     rows: usize,
     cols: usize,
+    row_stride: usize,
+    col_stride: usize,
     #[comptime] block: usize,
+    #[comptime] items: usize,
     #[comptime] use_plane: bool,
     #[define(I)] _dtype: StorageType,
 ) {
@@ -93,20 +103,32 @@ pub fn column_scan_kernel<I: Int>(
     let unit = UNIT_POS as usize;
     let mut shared = SharedMemory::<u32>::new(block + 1);
     let mut carry = 0u32;
+    let span = block * items;
     #[allow(clippy::manual_div_ceil)] // kernel code: div_ceil does not expand in CubeCL
-    let chunks = (rows + block - 1) / block;
+    let chunks = (rows + span - 1) / span;
     for chunk in 0..chunks {
-        let r = chunk * block + unit;
-        let mut flag = 0u32;
-        if r < rows {
-            flag = flags[r * cols + c];
+        let first = chunk * span + unit * items;
+        let mut count = 0u32;
+        #[unroll]
+        for q in 0..items {
+            let r = first + q;
+            if r < rows {
+                count += flags[r * row_stride + c * col_stride];
+            }
         }
-        let (inclusive, total) = block_scan(flag, &mut shared, block, use_plane);
-        if r < rows {
-            if flag == 1u32 {
-                slots[r * cols + c] = I::cast_from(carry + inclusive - 1u32);
-            } else {
-                slots[r * cols + c] = I::new(-1);
+        let (inclusive, total) = block_scan(count, &mut shared, block, use_plane);
+        let mut next = carry + inclusive - count;
+        #[unroll]
+        for q in 0..items {
+            let r = first + q;
+            if r < rows {
+                let at = r * row_stride + c * col_stride;
+                if flags[at] == 1u32 {
+                    slots[at] = I::cast_from(next);
+                    next += 1u32;
+                } else {
+                    slots[at] = I::new(-1);
+                }
             }
         }
         carry += total;
@@ -143,7 +165,7 @@ pub fn offset_slots_kernel<I: Int>(
 
 /// One unit per (received row, slot): the expert-major row of each slot, from the
 /// local expert's padded group start (`offsets [L]`) and the row's rank within the
-/// expert (`ranks [R, L]`, from the column scan of the membership matrix).
+/// expert (`ranks [L, R]`, column-major, from the scan of the membership matrix).
 #[cube(launch)]
 pub fn positions_kernel<I: Int>(
     local_ids: &Array<I>,
@@ -152,7 +174,6 @@ pub fn positions_kernel<I: Int>(
     positions: &mut Array<I>,
     rows: usize,
     top_k: usize,
-    local_experts: usize,
     #[define(I)] _dtype: StorageType,
 ) {
     let at = CUBE_POS * (CUBE_DIM as usize) + UNIT_POS as usize;
@@ -163,7 +184,7 @@ pub fn positions_kernel<I: Int>(
     if j >= I::new(0) {
         let i = at / top_k;
         let ju = usize::cast_from(j);
-        let p = usize::cast_from(offsets[ju]) + usize::cast_from(ranks[i * local_experts + ju]);
+        let p = usize::cast_from(offsets[ju]) + usize::cast_from(ranks[ju * rows + i]);
         positions[at] = I::cast_from(p);
     } else {
         positions[at] = I::new(-1);

@@ -34,7 +34,7 @@ use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata};
 use ep_core::{EpConfig, EpError, EpResult};
 
 use crate::backend::{
-    float, zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan,
+    float, zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows,
 };
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 use crate::order::PendingToken;
@@ -152,16 +152,37 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         .map(Self::from_inner))
     }
 
-    fn ep_exchange_ints(
+    fn ep_exchange_record(
         tag: ExchangeTag,
-        ids: Option<IntTensor<Self>>,
-        cols: usize,
+        sent: Option<RecordRows<Self>>,
+        columns: [usize; 2],
+        dtypes: [DType; 2],
         send_counts: &[usize],
         recv_counts: &[usize],
         device: &Self::Device,
         exchange: &SharedExchange,
-    ) -> EpResult<Option<IntTensor<Self>>> {
-        B::ep_exchange_ints(tag, ids, cols, send_counts, recv_counts, device, exchange)
+    ) -> EpResult<Option<RecordRows<Self>>> {
+        // Not differentiable by itself: the differentiable op is the record route.
+        let sent = sent.map(|s| RecordRows {
+            rows: Self::inner(s.rows),
+            weights: Self::inner(s.weights),
+            expert_ids: s.expert_ids,
+        });
+        Ok(B::ep_exchange_record(
+            tag,
+            sent,
+            columns,
+            dtypes,
+            send_counts,
+            recv_counts,
+            device,
+            exchange,
+        )?
+        .map(|r| RecordRows {
+            rows: Self::from_inner(r.rows),
+            weights: Self::from_inner(r.weights),
+            expert_ids: r.expert_ids,
+        }))
     }
 
     fn ep_route_rows(
@@ -197,38 +218,43 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         exchange: &SharedExchange,
     ) -> EpResult<FloatTensor<Self>> {
         let out = B::ep_dispatch_rows(x.primitive.clone(), plan, exchange)?;
-        let anchor = order_anchor(exchange, &x);
-        let state = RouteState::new(plan, exchange, x.shape()[1], x.dtype());
-        let prep = DispatchRowsBackward
-            .prepare::<C>([x.node.clone(), anchor.node])
-            .compute_bound()
-            .stateful();
-        Ok(finish_in_order(prep, state, out, exchange))
+        Ok(track_dispatch_rows::<B, C>(&x, out, plan, exchange))
     }
 
-    fn ep_dispatch_weights(
+    /// Two tracked operations on one exchange: the rows (a dispatch of `x`) and the
+    /// received weights (the weights' route), in that order, as if they had moved
+    /// one after the other.
+    fn ep_record_route(
+        x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
-        plan: &Plan<Self>,
+        topk_idx: IntTensor<Self>,
+        expert_offsets: &[usize],
+        plan: &mut Plan<Self>,
         exchange: &SharedExchange,
-    ) -> EpResult<Option<FloatTensor<Self>>> {
-        let [_, k] = [weights.shape()[0], weights.shape()[1]];
-        let dtype = weights.dtype();
-        // Every rank records the op, even one that receives nothing, so that every
-        // rank's backward takes part in the return exchange.
-        let out = B::ep_route_rows(
+    ) -> EpResult<(FloatTensor<Self>, Option<FloatTensor<Self>>)> {
+        let (rows, received_weights) = B::ep_record_route(
+            x.primitive.clone(),
             weights.primitive.clone(),
+            topk_idx,
+            expert_offsets,
             plan,
             exchange,
-            ExchangeOp::Weights,
-        )?
-        .unwrap_or_else(|| zeros::<B>([0, k], &plan.device, dtype));
+        )?;
+        let rows = track_dispatch_rows::<B, C>(&x, rows, plan, exchange);
+
+        // Every rank records the weights' op, even one that receives nothing, so
+        // that every rank's backward takes part in the return exchange.
+        let (k, dtype) = (weights.shape()[1], weights.dtype());
+        let received_weights =
+            received_weights.unwrap_or_else(|| zeros::<B>([0, k], &plan.device, dtype));
         let anchor = order_anchor(exchange, &weights);
         let state = RouteState::new(plan, exchange, k, dtype);
         let prep = DispatchWeightsBackward
             .prepare::<C>([weights.node.clone(), anchor.node])
             .compute_bound()
             .stateful();
-        Ok(Some(finish_in_order(prep, state, out, exchange)))
+        let received_weights = finish_in_order(prep, state, received_weights, exchange);
+        Ok((rows, Some(received_weights)))
     }
 
     fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
@@ -279,6 +305,23 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
             .stateful();
         Ok(finish_in_order(prep, state, out, exchange))
     }
+}
+
+/// `out`, the expert-major rows dispatched from `x` along `plan`, as a tracked
+/// operation whose backward is an unweighted combine of the gradient.
+fn track_dispatch_rows<B: ExpertParallelBackend, C: CheckpointStrategy>(
+    x: &FloatTensor<Autodiff<B, C>>,
+    out: FloatTensor<B>,
+    plan: &Plan<B>,
+    exchange: &SharedExchange,
+) -> FloatTensor<Autodiff<B, C>> {
+    let anchor = order_anchor(exchange, x);
+    let state = RouteState::new(plan, exchange, x.shape()[1], x.dtype());
+    let prep = DispatchRowsBackward
+        .prepare::<C>([x.node.clone(), anchor.node])
+        .compute_bound()
+        .stateful();
+    finish_in_order(prep, state, out, exchange)
 }
 
 /// An extra, untracked parent for a new operation's node, one level below the

@@ -21,7 +21,9 @@ use burn::tensor::{DType, Int, Shape, Tensor, TensorData, TensorMetadata, Tensor
 use ep_core::layout::SendLayout;
 use ep_core::{counters, validate, EpConfig, EpResult};
 
-use crate::exchange::{host_exchange, host_exchange_ints, ExchangeOp, ExchangeTag, SharedExchange};
+use crate::exchange::{
+    host_exchange, host_exchange_record, ExchangeOp, ExchangeTag, SharedExchange,
+};
 
 /// The device side of a routing handle: what moving a payload along the route
 /// needs, in forward and backward passes alike. Generic over the int primitive and
@@ -74,6 +76,15 @@ pub struct LayoutOutput<B: Backend> {
 /// What pack returns: the send buffer `[S, H]` and, when recording, the sent rows'
 /// destination-local expert ids `[S, K]`.
 pub type Packed<B> = (FloatTensor<B>, Option<IntTensor<B>>);
+
+/// The three payloads of a recording dispatch, which move in one exchange: rows
+/// `[S, H]`, their top-k weights `[S, K]` and destination-local expert ids `[S, K]`.
+#[derive(Debug, Clone)]
+pub struct RecordRows<B: Backend> {
+    pub rows: FloatTensor<B>,
+    pub weights: FloatTensor<B>,
+    pub expert_ids: IntTensor<B>,
+}
 
 /// The routing metadata a recording pack derives beside the rows. (The weights are
 /// not metadata: they travel as a payload of their own, differentiably.)
@@ -316,18 +327,83 @@ pub trait ExpertParallelBackend: Backend {
         host_exchange::<Self>(tag, rows, dtype, send_counts, recv_counts, device, exchange)
     }
 
-    /// [`Self::ep_exchange`] for int rows (the routing metadata of a recording
-    /// dispatch).
-    fn ep_exchange_ints(
+    /// The exchange of a recording dispatch: the packed rows, their weights and
+    /// their destination-local expert ids (`None` when nothing is sent) move
+    /// together, in one exchange; returns what came (`None` when nothing did).
+    /// `dtypes` are the rows' and the weights'. The default moves host data.
+    #[allow(clippy::too_many_arguments)]
+    fn ep_exchange_record(
         tag: ExchangeTag,
-        ids: Option<IntTensor<Self>>,
-        _cols: usize,
+        sent: Option<RecordRows<Self>>,
+        _columns: [usize; 2],
+        dtypes: [DType; 2],
         send_counts: &[usize],
         recv_counts: &[usize],
         device: &Self::Device,
         exchange: &SharedExchange,
-    ) -> EpResult<Option<IntTensor<Self>>> {
-        host_exchange_ints::<Self>(tag, ids, send_counts, recv_counts, device, exchange)
+    ) -> EpResult<Option<RecordRows<Self>>> {
+        host_exchange_record::<Self>(
+            tag,
+            sent,
+            dtypes,
+            send_counts,
+            recv_counts,
+            device,
+            exchange,
+        )
+    }
+
+    /// The route of a recording dispatch: `x [T, H]` and `weights [T, K]` are packed,
+    /// the weights' pack deriving each sent row's destination-local expert ids from
+    /// `topk_idx`, and all three move in one exchange. The received ids give
+    /// `plan.positions` (from each local expert's group start, `expert_offsets`).
+    /// Returns the expert-major rows `[P, H]`, as [`Self::ep_dispatch_rows`] does,
+    /// and the received weights `[R, K]` (`None` when nothing came).
+    fn ep_record_route(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        topk_idx: IntTensor<Self>,
+        expert_offsets: &[usize],
+        plan: &mut Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<(FloatTensor<Self>, Option<FloatTensor<Self>>)> {
+        let ([_, hidden], [_, top_k]) = (x.shape().dims(), weights.shape().dims());
+        let dtypes = [x.dtype(), weights.dtype()];
+        let sent = match &plan.slots {
+            Some(slots) if plan.sent_rows() > 0 => {
+                let rows = Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0;
+                let meta = PackMeta {
+                    topk_idx,
+                    experts_per_rank: expert_offsets.len(),
+                };
+                let (weights, ids) =
+                    Self::ep_pack(weights, slots.clone(), plan.sent_rows(), Some(meta));
+                Some(RecordRows {
+                    rows,
+                    weights,
+                    expert_ids: ids.expect("a recording pack returns its metadata"),
+                })
+            }
+            _ => None,
+        };
+        let received = Self::ep_exchange_record(
+            ExchangeTag::new(plan.handle, ExchangeOp::Record),
+            sent,
+            [hidden, top_k],
+            dtypes,
+            &plan.send_counts,
+            &plan.recv_counts,
+            &plan.device,
+            exchange,
+        )?;
+        let Some(received) = received else {
+            let rows = zeros::<Self>([plan.padded_rows, hidden], &plan.device, dtypes[0]);
+            return Ok((rows, None));
+        };
+        let positions = Self::ep_expert_positions(received.expert_ids, expert_offsets);
+        plan.positions = Some(positions.clone());
+        let rows = Self::ep_expand(received.rows, positions, plan.padded_rows, &plan.pads);
+        Ok((rows, Some(received.weights)))
     }
 
     /// Route rows: `x [T, C]` packed and sent along the route; returns the received
@@ -387,7 +463,7 @@ pub trait ExpertParallelBackend: Backend {
     }
 
     /// Dispatch of a payload along a recorded route: `x [T, H]` to expert-major rows
-    /// `[P, H]` (route, then expand).
+    /// `[P, H]` (route, then expand): a cached dispatch.
     fn ep_dispatch_rows(
         x: FloatTensor<Self>,
         plan: &Plan<Self>,
@@ -402,16 +478,6 @@ pub trait ExpertParallelBackend: Backend {
             }
             _ => zeros::<Self>([plan.padded_rows, hidden], &plan.device, dtype),
         })
-    }
-
-    /// Dispatch of the top-k weights `[T, K]` along a recorded route: the weights of
-    /// every received row, `[R, K]` (`None` when nothing was received).
-    fn ep_dispatch_weights(
-        weights: FloatTensor<Self>,
-        plan: &Plan<Self>,
-        exchange: &SharedExchange,
-    ) -> EpResult<Option<FloatTensor<Self>>> {
-        Self::ep_route_rows(weights, plan, exchange, ExchangeOp::Weights)
     }
 
     /// Zeros of `shape` that depend on `parent` in the autodiff graph, with a zero

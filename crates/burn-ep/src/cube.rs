@@ -15,9 +15,9 @@ use cubecl::prelude::*;
 use ep_core::{counters, validate, EpConfig, EpError, EpResult};
 use ep_kernels::{expand, layout, pack, reduce, slots, sum};
 
-use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed};
+use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows};
 use crate::cube_exchange::device_exchange;
-use crate::exchange::{host_exchange, host_exchange_ints, ExchangeTag, SharedExchange};
+use crate::exchange::{host_exchange, host_exchange_record, ExchangeTag, SharedExchange};
 
 /// Units per cube for kernels with one unit per element.
 const ELEMENT_BLOCK: u32 = 256;
@@ -56,7 +56,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             config.num_experts,
             int_dtype.into(),
         );
-        column_scan::<R>(&in_rank, &slots_out, stats.clone(), tokens, world);
+        column_scan::<R>(
+            &in_rank,
+            &slots_out,
+            stats.clone(),
+            tokens,
+            world,
+            [world, 1],
+        );
         counters::kernel_launch();
         slots::offset_slots_kernel::launch::<R>(
             &client,
@@ -103,45 +110,71 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         device: &Self::Device,
         exchange: &SharedExchange,
     ) -> EpResult<Option<FloatTensor<Self>>> {
-        if exchange.has_device_path() {
-            device_exchange::<R>(
+        if !exchange.has_device_path() {
+            return host_exchange::<Self>(
                 tag,
                 rows,
-                cols,
                 dtype,
                 send_counts,
                 recv_counts,
                 device,
                 exchange,
-            )
-        } else {
-            host_exchange::<Self>(tag, rows, dtype, send_counts, recv_counts, device, exchange)
+            );
         }
+        let received = device_exchange::<R>(
+            tag,
+            rows.map(|r| vec![r]),
+            &[(cols, dtype)],
+            send_counts,
+            recv_counts,
+            device,
+            exchange,
+        )?;
+        Ok(received.and_then(|planes| planes.into_iter().next()))
     }
 
-    fn ep_exchange_ints(
+    fn ep_exchange_record(
         tag: ExchangeTag,
-        ids: Option<IntTensor<Self>>,
-        cols: usize,
+        sent: Option<RecordRows<Self>>,
+        [hidden, top_k]: [usize; 2],
+        dtypes: [DType; 2],
         send_counts: &[usize],
         recv_counts: &[usize],
         device: &Self::Device,
         exchange: &SharedExchange,
-    ) -> EpResult<Option<IntTensor<Self>>> {
-        if exchange.has_device_path() {
-            device_exchange::<R>(
+    ) -> EpResult<Option<RecordRows<Self>>> {
+        if !exchange.has_device_path() {
+            return host_exchange_record::<Self>(
                 tag,
-                ids,
-                cols,
-                I::dtype(),
+                sent,
+                dtypes,
                 send_counts,
                 recv_counts,
                 device,
                 exchange,
-            )
-        } else {
-            host_exchange_ints::<Self>(tag, ids, send_counts, recv_counts, device, exchange)
+            );
         }
+        let sent = sent.map(|s| vec![s.rows, s.weights, s.expert_ids]);
+        let planes = [(hidden, dtypes[0]), (top_k, dtypes[1]), (top_k, I::dtype())];
+        let received = device_exchange::<R>(
+            tag,
+            sent,
+            &planes,
+            send_counts,
+            recv_counts,
+            device,
+            exchange,
+        )?;
+        Ok(received.map(|planes| {
+            let [rows, weights, expert_ids] = planes
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one receive buffer per plane"));
+            RecordRows {
+                rows,
+                weights,
+                expert_ids,
+            }
+        }))
     }
 
     fn ep_pack(
@@ -179,12 +212,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             recv_local.dtype,
         );
         let local_experts = expert_offsets.len();
-        let member = alloc::<R, _>(&client, &device, [rows, local_experts], DType::U32);
-        let ranks = alloc::<R, _>(&client, &device, [rows, local_experts], int_dtype);
+        // Column-major `[L, R]`: each expert's column is contiguous for the scan.
+        let member = alloc::<R, _>(&client, &device, [local_experts, rows], DType::U32);
+        let ranks = alloc::<R, _>(&client, &device, [local_experts, rows], int_dtype);
         counters::kernel_launch();
         layout::membership_kernel::launch::<R>(
             &client,
-            elementwise_count(rows),
+            elementwise_count(rows * local_experts),
             CubeDim::new_1d(ELEMENT_BLOCK),
             recv_local.clone().into_array_arg(),
             member.clone().into_array_arg(),
@@ -194,7 +228,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             int_dtype.into(),
         );
         let totals = client.empty(local_experts * 4);
-        column_scan::<R>(&member, &ranks, totals, rows, local_experts);
+        column_scan::<R>(&member, &ranks, totals, rows, local_experts, [1, rows]);
         let offsets: Vec<u32> = expert_offsets.iter().map(|&o| o as u32).collect();
         let offsets = client.create_from_slice(u32_bytes(&offsets));
         let positions = alloc::<R, _>(&client, &device, [rows, top_k], int_dtype);
@@ -209,7 +243,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             positions.clone().into_array_arg(),
             rows,
             top_k,
-            local_experts,
             int_dtype.into(),
         );
         positions
@@ -400,14 +433,16 @@ fn zero_pads<R: CubeRuntime>(out: &CubeTensor<R>, pads: &[u32], row_vectors: usi
     );
 }
 
-/// Column scan of a `[rows, cols]` u32 0/1 matrix into `slots` (same shape, int),
-/// with the column totals in `totals[..cols]`.
+/// Column scan of a `rows × cols` u32 0/1 matrix into `slots` (same layout, int),
+/// with the column totals in `totals[..cols]`. `[row_stride, col_stride]` place
+/// entry `(r, c)`: `[cols, 1]` for row-major, `[1, rows]` for column-major.
 fn column_scan<R: CubeRuntime>(
     flags: &CubeTensor<R>,
     slots_out: &CubeTensor<R>,
     totals: cubecl::server::Handle,
     rows: usize,
     cols: usize,
+    [row_stride, col_stride]: [usize; 2],
 ) {
     let client = &flags.client;
     let use_plane = plane_scan_enabled(client);
@@ -421,7 +456,10 @@ fn column_scan<R: CubeRuntime>(
         unsafe { ArrayArg::from_raw_parts(totals, cols) },
         rows,
         cols,
+        row_stride,
+        col_stride,
         slots::SCAN_BLOCK,
+        slots::SCAN_ITEMS,
         use_plane,
         slots_out.dtype.into(),
     );

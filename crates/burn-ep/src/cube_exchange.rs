@@ -8,45 +8,60 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
 use ep_core::{counters, EpError, EpResult};
+use ep_mesh::Plane;
 
 use crate::cube::alloc;
 use crate::exchange::{ExchangeTag, SharedExchange};
 
-/// Moves `send` (`[S, cols]`, segments in rank order) through `exchange`; returns the
-/// received `[R, cols]` rows, `None` when nothing came.
-#[allow(clippy::too_many_arguments)]
+/// Moves the planes of `send` (each `[S, cols]`, segments in rank order) through
+/// `exchange` in one exchange; returns the received planes (`[R, cols]` each, of
+/// the `planes`' columns and dtypes), `None` when nothing came.
 pub(crate) fn device_exchange<R: CubeRuntime>(
     tag: ExchangeTag,
-    send: Option<CubeTensor<R>>,
-    cols: usize,
-    dtype: DType,
+    send: Option<Vec<CubeTensor<R>>>,
+    planes: &[(usize, DType)],
     send_counts: &[usize],
     recv_counts: &[usize],
     device: &R::Device,
     exchange: &SharedExchange,
-) -> EpResult<Option<CubeTensor<R>>> {
+) -> EpResult<Option<Vec<CubeTensor<R>>>> {
     let client = R::client(device);
-    let send = send.map(into_contiguous);
+    let send: Option<Vec<_>> = send.map(|planes| planes.into_iter().map(into_contiguous).collect());
     let received: usize = recv_counts.iter().sum();
-    let recv = (received > 0).then(|| alloc::<R, 2>(&client, device, [received, cols], dtype));
-    // The pack that wrote the send buffer and the allocation of the receive buffer
-    // are queued on this thread's stream; the copies run on the transport's streams.
+    let recv: Option<Vec<_>> = (received > 0).then(|| {
+        planes
+            .iter()
+            .map(|&(cols, dtype)| alloc::<R, 2>(&client, device, [received, cols], dtype))
+            .collect()
+    });
+    // The packs that wrote the send buffers and the allocation of the receive
+    // buffers are queued on this thread's stream; the copies run on the transport's
+    // streams.
     counters::host_sync();
     cubecl::future::block_on(client.sync()).map_err(|e| {
         exchange.device_failed(format_args!(
             "synchronising before the exchange failed: {e}"
         ))
     })?;
-    let send_ptr = send.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
-    let recv_ptr = recv.as_ref().map(device_ptr).transpose()?.unwrap_or(0);
-    exchange.device_all_to_all(
-        tag,
-        send_ptr,
-        send_counts,
-        recv_ptr,
-        recv_counts,
-        cols * dtype.size(),
-    )?;
+    let address = |buffers: &Option<Vec<CubeTensor<R>>>, i: usize| -> EpResult<u64> {
+        buffers
+            .as_ref()
+            .map(|b| device_ptr(&b[i]))
+            .transpose()
+            .map(|a| a.unwrap_or(0))
+    };
+    let device_planes = planes
+        .iter()
+        .enumerate()
+        .map(|(i, &(cols, dtype))| {
+            Ok(Plane {
+                send: address(&send, i)?,
+                recv: address(&recv, i)?,
+                row_bytes: cols * dtype.size(),
+            })
+        })
+        .collect::<EpResult<Vec<_>>>()?;
+    exchange.device_all_to_all(tag, &device_planes, send_counts, recv_counts)?;
     Ok(recv)
 }
 

@@ -13,25 +13,26 @@ use std::fmt;
 use std::sync::{Arc, OnceLock};
 
 use burn::tensor::backend::{Backend, ExecutionError};
-use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use ep_core::{counters, EpError, EpResult};
-use ep_mesh::{Control, DeviceExchange, LocalComm};
+use ep_mesh::{Control, DeviceExchange, LocalComm, Pairing, Plane};
 
-use crate::backend::{float, int, upload};
+use crate::backend::{float, int, upload, RecordRows};
 use crate::order::BackwardOrder;
 use crate::transfer::{concat_rows, split_rows};
 
 /// Moves rows between the ranks of a group.
 pub trait RowExchange: Send + Sync {
-    /// `rows` is the send buffer, `send_counts[d]` rows for rank `d` in rank order
-    /// (`None` when nothing is sent). Returns what the other ranks sent here,
-    /// concatenated in source-rank order (`None` when nothing came).
+    /// `planes` are the send buffers, each with `send_counts[d]` rows for rank `d`
+    /// in rank order (`None` when nothing is sent). Returns, plane by plane, what
+    /// the other ranks sent here, concatenated in source-rank order (`None` when
+    /// nothing came).
     fn exchange_rows(
         &self,
-        rows: Option<TensorData>,
+        planes: Option<Vec<TensorData>>,
         send_counts: &[usize],
-    ) -> EpResult<Option<TensorData>>;
+    ) -> EpResult<Option<Vec<TensorData>>>;
 
     /// The device path, for transports that move device buffers themselves (the
     /// cuda-peer transport); `None` when rows travel as host data.
@@ -44,15 +45,28 @@ pub trait RowExchange: Send + Sync {
 impl RowExchange for LocalComm {
     fn exchange_rows(
         &self,
-        rows: Option<TensorData>,
+        planes: Option<Vec<TensorData>>,
         send_counts: &[usize],
-    ) -> EpResult<Option<TensorData>> {
-        let messages = match rows {
-            Some(rows) => split_rows(&rows, send_counts),
-            None => vec![None; self.world_size()],
+    ) -> EpResult<Option<Vec<TensorData>>> {
+        let world = self.world_size();
+        // One message per destination: its rows of every plane.
+        let mut messages: Vec<Option<Vec<TensorData>>> = vec![None; world];
+        for plane in planes.iter().flatten() {
+            for (message, block) in messages.iter_mut().zip(split_rows(plane, send_counts)) {
+                if let Some(block) = block {
+                    message.get_or_insert_with(Vec::new).push(block);
+                }
+            }
+        }
+        let received: Vec<Vec<TensorData>> =
+            self.all_to_all(messages)?.into_iter().flatten().collect();
+        let Some(plane_count) = received.first().map(Vec::len) else {
+            return Ok(None);
         };
-        let received = self.all_to_all(messages)?;
-        Ok(concat_rows(received.into_iter().flatten().collect()))
+        let mut sources: Vec<_> = received.into_iter().map(Vec::into_iter).collect();
+        Ok((0..plane_count)
+            .map(|_| concat_rows(sources.iter_mut().filter_map(Iterator::next).collect()))
+            .collect())
     }
 }
 
@@ -62,10 +76,10 @@ impl RowExchange for ep_mesh::CudaPeerComm {
     /// the control channel.
     fn exchange_rows(
         &self,
-        rows: Option<TensorData>,
+        planes: Option<Vec<TensorData>>,
         send_counts: &[usize],
-    ) -> EpResult<Option<TensorData>> {
-        self.control().exchange_rows(rows, send_counts)
+    ) -> EpResult<Option<Vec<TensorData>>> {
+        self.control().exchange_rows(planes, send_counts)
     }
 
     fn device(&self) -> Option<&dyn DeviceExchange> {
@@ -81,9 +95,9 @@ macro_rules! device_only_exchange {
         impl RowExchange for $transport {
             fn exchange_rows(
                 &self,
-                _rows: Option<TensorData>,
+                _planes: Option<Vec<TensorData>>,
                 _send_counts: &[usize],
-            ) -> EpResult<Option<TensorData>> {
+            ) -> EpResult<Option<Vec<TensorData>>> {
                 Err(ep_core::EpError::Transport(
                     "the nccl and hierarchical transports move CUDA device memory, but this \
                      backend's rows are host data (use the Cuda backend, or the local or \
@@ -108,12 +122,10 @@ device_only_exchange!(ep_mesh::NcclComm, ep_mesh::HierarchicalComm);
 pub enum ExchangeOp {
     /// The count exchange of a recording dispatch.
     Counts = 1,
-    /// The destination-local expert ids of a recording dispatch.
-    ExpertIds,
-    /// The payload rows of a dispatch or a cached dispatch.
+    /// The rows of a recording dispatch, with their weights and expert ids.
+    Record,
+    /// The payload rows of a cached dispatch.
     Rows,
-    /// The top-k weights of a recording dispatch.
-    Weights,
     /// The reduced rows of a combine, going back.
     Combine,
     /// The backward of a dispatch's rows (an unweighted combine of the gradient).
@@ -129,11 +141,10 @@ pub enum ExchangeOp {
 }
 
 impl ExchangeOp {
-    const ALL: [ExchangeOp; 10] = [
+    const ALL: [ExchangeOp; 9] = [
         Self::Counts,
-        Self::ExpertIds,
+        Self::Record,
         Self::Rows,
-        Self::Weights,
         Self::Combine,
         Self::RowsGrad,
         Self::WeightsGrad,
@@ -149,9 +160,8 @@ impl ExchangeOp {
     fn name(self) -> &'static str {
         match self {
             Self::Counts => "the count exchange of dispatch",
-            Self::ExpertIds => "the expert ids of dispatch",
-            Self::Rows => "the rows of dispatch",
-            Self::Weights => "the weights of dispatch",
+            Self::Record => "the rows of dispatch",
+            Self::Rows => "the rows of a cached dispatch",
             Self::Combine => "combine",
             Self::RowsGrad => "the backward of dispatch",
             Self::WeightsGrad => "the backward of the weights' dispatch",
@@ -202,16 +212,25 @@ pub struct SharedExchange(Arc<Link>);
 struct Link {
     control: Arc<dyn Control>,
     rows: Arc<dyn RowExchange>,
+    /// The length of every call's opening message (see [`Pairing`]).
+    opening_words: usize,
     order: BackwardOrder,
     /// Set when this rank's device failed: every later call ends with it.
     fault: OnceLock<EpError>,
 }
 
 impl SharedExchange {
-    pub(crate) fn new(control: Arc<dyn Control>, rows: Arc<dyn RowExchange>) -> Self {
+    /// A group's transports; every call opens with a message of `opening_words`
+    /// words (see [`Pairing`]), enough for the longest opening the group makes.
+    pub(crate) fn new(
+        control: Arc<dyn Control>,
+        rows: Arc<dyn RowExchange>,
+        opening_words: usize,
+    ) -> Self {
         Self(Arc::new(Link {
             control,
             rows,
+            opening_words,
             order: BackwardOrder::default(),
             fault: OnceLock::new(),
         }))
@@ -236,7 +255,7 @@ impl SharedExchange {
     }
 
     /// The device failure that ended this rank's part, if there was one.
-    fn check_healthy(&self) -> EpResult<()> {
+    pub(crate) fn check_healthy(&self) -> EpResult<()> {
         match self.0.fault.get() {
             Some(error) => Err(error.clone()),
             None => Ok(()),
@@ -267,54 +286,92 @@ impl SharedExchange {
         recv_counts: &[usize],
     ) -> EpResult<()> {
         self.check_healthy()?;
-        let control = self.control();
-        let words = send_counts
-            .iter()
-            .map(|&rows| vec![tag.handle, tag.op as u64, rows as u64])
-            .collect();
-        let received = control.all_to_all_words(words, 3)?;
-        for (peer, (words, &expected_rows)) in received.iter().zip(recv_counts).enumerate() {
-            if words[..2] != [tag.handle, tag.op as u64] || words[2] != expected_rows as u64 {
-                return Err(EpError::ExchangeMismatch {
-                    rank: control.rank(),
-                    peer,
-                    expected: format!("{tag} with {expected_rows} rows"),
-                    got: describe(words),
-                });
-            }
-        }
-        Ok(())
+        ep_mesh::check_pairing(self.control(), &self.pairing(tag, send_counts, recv_counts))
     }
 
-    /// The checked host path: `rows` (`send_counts` rows per rank) out, what came in.
+    /// The pairing check of a call of this group.
+    pub(crate) fn pairing<'a>(
+        &self,
+        tag: ExchangeTag,
+        send_counts: &'a [usize],
+        recv_counts: &'a [usize],
+    ) -> TagPairing<'a> {
+        TagPairing {
+            rank: self.control().rank(),
+            message_words: self.0.opening_words,
+            tag,
+            send_counts,
+            recv_counts,
+        }
+    }
+
+    /// The checked host path: `planes` (`send_counts` rows per rank each) out, what
+    /// came in, plane by plane.
     pub fn exchange_rows(
         &self,
         tag: ExchangeTag,
-        rows: Option<TensorData>,
+        planes: Option<Vec<TensorData>>,
         send_counts: &[usize],
         recv_counts: &[usize],
-    ) -> EpResult<Option<TensorData>> {
+    ) -> EpResult<Option<Vec<TensorData>>> {
         self.check_pairing(tag, send_counts, recv_counts)?;
         counters::exchange();
-        self.0.rows.exchange_rows(rows, send_counts)
+        self.0.rows.exchange_rows(planes, send_counts)
     }
 
-    /// The checked device path (see [`DeviceExchange::all_to_all_v`]).
+    /// The checked device path (see [`DeviceExchange::all_to_all_v`]): the
+    /// transport checks the pairing, in its first message where it has one.
     pub fn device_all_to_all(
         &self,
         tag: ExchangeTag,
-        send: u64,
+        planes: &[Plane],
         send_counts: &[usize],
-        recv: u64,
         recv_counts: &[usize],
-        row_bytes: usize,
     ) -> EpResult<()> {
         let transport = self.0.rows.device().ok_or_else(|| {
             EpError::Transport("this transport has no device path for rows".into())
         })?;
-        self.check_pairing(tag, send_counts, recv_counts)?;
+        self.check_healthy()?;
+        let pairing = self.pairing(tag, send_counts, recv_counts);
         counters::exchange();
-        transport.all_to_all_v(send, send_counts, recv, recv_counts, row_bytes)
+        transport.all_to_all_v(planes, send_counts, recv_counts, &pairing)
+    }
+}
+
+/// The pairing check of one exchange: each rank tells each peer the tag and the
+/// rows it sends there; the peer expects its own tag and the rows it receives.
+pub(crate) struct TagPairing<'a> {
+    rank: usize,
+    message_words: usize,
+    tag: ExchangeTag,
+    send_counts: &'a [usize],
+    recv_counts: &'a [usize],
+}
+
+impl Pairing for TagPairing<'_> {
+    fn message_words(&self) -> usize {
+        self.message_words
+    }
+
+    fn words_for(&self, peer: usize) -> [u64; 3] {
+        [
+            self.tag.handle,
+            self.tag.op as u64,
+            self.send_counts[peer] as u64,
+        ]
+    }
+
+    fn check(&self, peer: usize, words: [u64; 3]) -> EpResult<()> {
+        let expected_rows = self.recv_counts[peer];
+        if words == [self.tag.handle, self.tag.op as u64, expected_rows as u64] {
+            return Ok(());
+        }
+        Err(EpError::ExchangeMismatch {
+            rank: self.rank,
+            peer,
+            expected: format!("{} with {expected_rows} rows", self.tag),
+            got: describe(&words),
+        })
     }
 }
 
@@ -333,25 +390,42 @@ pub(crate) fn host_exchange<B: Backend>(
         .map(|r| read_rows(float::<B, 2>(r).try_into_data(), exchange))
         .transpose()?;
     Ok(exchange
-        .exchange_rows(tag, data, send_counts, recv_counts)?
+        .exchange_rows(tag, data.map(|d| vec![d]), send_counts, recv_counts)?
+        .and_then(|planes| planes.into_iter().next())
         .map(|d| upload::<B>(d, device, dtype)))
 }
 
-/// The host path of an int exchange.
-pub(crate) fn host_exchange_ints<B: Backend>(
+/// The host path of a recording dispatch's exchange: the rows, weights and expert
+/// ids read back and moved as one exchange of three planes.
+pub(crate) fn host_exchange_record<B: Backend>(
     tag: ExchangeTag,
-    ids: Option<IntTensor<B>>,
+    sent: Option<RecordRows<B>>,
+    dtypes: [DType; 2],
     send_counts: &[usize],
     recv_counts: &[usize],
     device: &B::Device,
     exchange: &SharedExchange,
-) -> EpResult<Option<IntTensor<B>>> {
-    let data = ids
-        .map(|r| read_rows(int::<B, 2>(r).try_into_data(), exchange))
+) -> EpResult<Option<RecordRows<B>>> {
+    let planes = sent
+        .map(|sent| {
+            Ok::<_, EpError>(vec![
+                read_rows(float::<B, 2>(sent.rows).try_into_data(), exchange)?,
+                read_rows(float::<B, 2>(sent.weights).try_into_data(), exchange)?,
+                read_rows(int::<B, 2>(sent.expert_ids).try_into_data(), exchange)?,
+            ])
+        })
         .transpose()?;
-    Ok(exchange
-        .exchange_rows(tag, data, send_counts, recv_counts)?
-        .map(|d| Tensor::<B, 2, Int>::from_data(d, device).into_primitive()))
+    let Some(received) = exchange.exchange_rows(tag, planes, send_counts, recv_counts)? else {
+        return Ok(None);
+    };
+    let [rows, weights, expert_ids]: [TensorData; 3] = received
+        .try_into()
+        .map_err(|_| EpError::Transport("a recording exchange came without its 3 planes".into()))?;
+    Ok(Some(RecordRows {
+        rows: upload::<B>(rows, device, dtypes[0]),
+        weights: upload::<B>(weights, device, dtypes[1]),
+        expert_ids: Tensor::<B, 2, Int>::from_data(expert_ids, device).into_primitive(),
+    }))
 }
 
 /// The send buffer read back for the host path; a read that fails is the device's
@@ -391,7 +465,7 @@ mod tests {
         let results = ep_mesh::run_local(2, Duration::from_secs(600), |comm| {
             let comm = Arc::new(comm);
             let rank = comm.rank();
-            let exchange = SharedExchange::new(comm.clone(), comm);
+            let exchange = SharedExchange::new(comm.clone(), comm, 3);
             let result = if rank == 1 {
                 let found = exchange.device_failed("CUDA_ERROR_INVALID_VALUE\n  Backtrace");
                 let later = exchange.check_pairing(tag, &[0, 0], &[0, 0]);

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use burn::tensor::{DType, Int, Tensor};
 use ep_core::padding::sp_padded_tokens;
 use ep_core::{validate, EpConfig, EpError, EpResult};
-use ep_mesh::{Control, LocalComm};
+use ep_mesh::{open_call, Control, LocalComm};
 
-use crate::backend::{float, zeros_tensor, ExpertParallelBackend, PackMeta, RoutePlan};
+use crate::backend::{float, zeros_tensor, ExpertParallelBackend, RoutePlan};
 use crate::exchange::{ExchangeOp, ExchangeTag, RowExchange, SharedExchange};
 use crate::routing::Routing;
 
@@ -99,8 +99,8 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let config = config.with_rank(control.rank());
         config.validate()?;
         Ok(Self {
+            exchange: SharedExchange::new(control, rows, opening_words(&config)),
             config,
-            exchange: SharedExchange::new(control, rows),
             device,
             handles: AtomicU64::new(0),
         })
@@ -221,31 +221,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             .map(|row| row as u32)
             .collect();
 
-        // Destination-local expert ids of every sent row, then the receive-side slots.
-        let sent: usize = send_counts.iter().sum();
-        let local_ids = slots.as_ref().filter(|_| sent > 0).map(|slots| {
-            let meta = PackMeta {
-                topk_idx: topk_idx.into_primitive(),
-                experts_per_rank: local,
-            };
-            // The weights are the narrowest payload to carry the ids' pack; the
-            // packed rows themselves are not needed.
-            let weights = topk_weights.clone().detach().into_primitive().tensor();
-            let (_, local_ids) = B::ep_pack(weights, slots.clone(), sent, Some(meta));
-            local_ids.expect("a recording pack returns its metadata")
-        });
-        let recv_local = B::ep_exchange_ints(
-            ExchangeTag::new(handle, ExchangeOp::ExpertIds),
-            local_ids,
-            c.top_k,
-            &send_counts,
-            &recv_counts,
-            &self.device,
-            &self.exchange,
-        )?;
-        let positions = recv_local.map(|ids| B::ep_expert_positions(ids, &expert_offsets[..local]));
-
-        let plan = RoutePlan {
+        let mut plan = RoutePlan {
             handle,
             tokens: padded_tokens,
             send_counts,
@@ -254,20 +230,20 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             pads,
             device: self.device.clone(),
             slots,
-            positions,
+            positions: None,
         };
-        // The payload and the weights move along the route, differentiably.
-        let rows = float::<B, 2>(B::ep_dispatch_rows(
+        // The payload, the weights and the expert ids move in one exchange; the
+        // rows and the weights are differentiable.
+        let (rows, recv_weights) = B::ep_record_route(
             x.into_primitive().tensor(),
-            &plan,
-            &self.exchange,
-        )?);
-        let recv_weights = B::ep_dispatch_weights(
             topk_weights.into_primitive().tensor(),
-            &plan,
+            topk_idx.into_primitive(),
+            &expert_offsets[..local],
+            &mut plan,
             &self.exchange,
-        )?
-        .map(float::<B, 2>);
+        )?;
+        let rows = float::<B, 2>(rows);
+        let recv_weights = recv_weights.map(float::<B, 2>);
         let row_weights = match (&recv_weights, &plan.positions) {
             (Some(w), Some(positions)) => float::<B, 1>(B::ep_expand_weights(
                 w.clone().detach().into_primitive().tensor(),
@@ -339,7 +315,8 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
 
     /// Tells each peer `[rows, rows for each of its local experts]` and returns what
     /// each peer will send here, after checking that every peer is recording the
-    /// same handle.
+    /// same handle (in the same message: the row counts are not known yet, so the
+    /// check compares the calls only).
     fn exchange_counts(
         &self,
         handle: u64,
@@ -349,9 +326,8 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let world = self.config.world_size;
         let local = self.config.experts_per_rank();
         let tag = ExchangeTag::new(handle, ExchangeOp::Counts);
-        // The row counts are not known yet: this check compares the calls only.
-        self.exchange
-            .check_pairing(tag, &vec![0; world], &vec![0; world])?;
+        self.exchange.check_healthy()?;
+        let no_rows = vec![0; world];
         let counts = send_counts
             .iter()
             .enumerate()
@@ -363,7 +339,15 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
                     .collect()
             })
             .collect();
-        self.exchange.control().all_to_all_words(counts, 1 + local)
+        let pairing = self.exchange.pairing(tag, &no_rows, &no_rows);
+        let received = open_call(self.exchange.control(), &pairing, counts)?;
+        Ok(received
+            .into_iter()
+            .map(|mut words| {
+                words.truncate(1 + local);
+                words
+            })
+            .collect())
     }
 
     fn check_handle(&self, routing: &Routing<B>) -> EpResult<()> {
@@ -394,6 +378,14 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         }
         Ok(())
     }
+}
+
+/// The length of the message that opens every call of a group (see
+/// `ep_mesh::Pairing`): three words of pairing check, then the longest rest any
+/// call sends, the count exchange's (rows, then rows per local expert) or a device
+/// exchange's landing (address and length in each of up to three planes).
+fn opening_words(config: &EpConfig) -> usize {
+    3 + (1 + config.experts_per_rank()).max(2 * 3)
 }
 
 /// Pads `[T, C]` up to `rows` rows of `value`.

@@ -9,12 +9,15 @@
 //! synchronisation, and it carries the same failure and timeout semantics.
 //!
 //! The push protocol of one all-to-all-v:
-//! 1. every rank tells each source where in its receive buffer that source's rows go;
-//! 2. every rank starts one copy per destination, each on its own stream, so copies
-//!    to different peers are in flight at once; the local segment is a copy on the
+//! 1. every rank tells each source where in its receive buffers (one per plane)
+//!    that source's rows go, together with the words of the pairing check, so one
+//!    message both checks the call and places the rows;
+//! 2. every rank starts its copies, one stream per destination, so copies to
+//!    different peers are in flight at once; the local segment is a copy on the
 //!    device, never crossing a link;
-//! 3. every rank waits for its own copies, then meets the others at a barrier: after
-//!    it, every receive buffer is complete and no send buffer is still being read.
+//! 3. every rank waits for its own copies (one host wait: the first stream waits on
+//!    the others' events), then meets the others at a barrier: after it, every
+//!    receive buffer is complete and no send buffer is still being read.
 //!
 //! The caller guarantees that the send buffer is written and the receive buffer
 //! allocated (its stream synchronised) before the call.
@@ -25,7 +28,9 @@ use std::time::Duration;
 use cudarc::driver::{result, sys};
 use ep_core::{counters, EpError, EpResult};
 
-use crate::device_exchange::{check_counts, DeviceExchange};
+use crate::device_exchange::{
+    check_counts, open_call, spans_per_rank, DeviceExchange, Pairing, Plane, Span,
+};
 use crate::local::{local_comms, run_threads, LocalComm};
 
 /// A raw CUDA handle that may cross threads: contexts and streams are usable from
@@ -44,13 +49,9 @@ pub struct CudaPeerComm {
     contexts: Arc<Vec<Option<Raw<sys::CUcontext>>>>,
     /// One stream per destination rank, on this rank's device.
     streams: Vec<Raw<sys::CUstream>>,
-}
-
-/// Where one source's rows go in a receiver's buffer, and how many it expects.
-#[derive(Debug, Clone, Copy)]
-struct Landing {
-    address: u64,
-    rows: usize,
+    /// One event per stream: the first stream waits on the others' copies, so the
+    /// host waits once.
+    events: Vec<Raw<sys::CUevent>>,
 }
 
 /// A failed driver call, named.
@@ -135,11 +136,19 @@ pub fn cuda_peer_comms_on(devices: Vec<usize>, timeout: Duration) -> EpResult<Ve
                         .map_err(|e| driver("cuStreamCreate", e))
                 })
                 .collect::<EpResult<_>>()?;
+            let events = (0..world_size)
+                .map(|_| {
+                    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                        .map(Raw)
+                        .map_err(|e| driver("cuEventCreate", e))
+                })
+                .collect::<EpResult<_>>()?;
             Ok(CudaPeerComm {
                 control: Arc::new(control),
                 devices: rank_devices.clone(),
                 contexts: contexts.clone(),
                 streams,
+                events,
             })
         })
         .collect()
@@ -249,52 +258,91 @@ impl CudaPeerComm {
         }
     }
 
+    /// Waits for every copy this rank started: the first stream waits on the
+    /// others' events, and the host on the first stream. Should an event call
+    /// fail, the host waits on every stream instead: no buffer may be released
+    /// under a running copy.
     fn wait_copies(&self) -> EpResult<()> {
-        for stream in &self.streams {
+        let first = self.streams[0].0;
+        let chained =
+            self.streams
+                .iter()
+                .zip(&self.events)
+                .skip(1)
+                .try_for_each(|(stream, event)| unsafe {
+                    result::event::record(event.0, stream.0)
+                        .map_err(|e| driver("cuEventRecord", e))?;
+                    result::stream::wait_event(
+                        first,
+                        event.0,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                    .map_err(|e| driver("cuStreamWaitEvent", e))
+                });
+        let waited: &[Raw<sys::CUstream>] = match chained {
+            Ok(()) => &self.streams[..1],
+            Err(_) => &self.streams,
+        };
+        let mut finished = chained;
+        for stream in waited {
             counters::host_sync();
-            unsafe { result::stream::synchronize(stream.0) }
-                .map_err(|e| driver("cuStreamSynchronize", e))?;
+            let synced = unsafe { result::stream::synchronize(stream.0) }
+                .map_err(|e| driver("cuStreamSynchronize", e));
+            finished = finished.and(synced);
         }
-        Ok(())
+        finished
     }
 }
 
 impl CudaPeerComm {
-    /// Moves one segment to every rank of this transport and receives one from
-    /// each: `send[d]` is the (address, rows) of what goes to rank `d`, `recv[s]`
-    /// where rank `s`'s rows land and how many are expected. A zero count needs no
-    /// valid address.
-    pub(crate) fn exchange_segments(
+    /// Moves one span per plane to every rank of this transport and receives one
+    /// from each: `send[d]` is what goes to rank `d`, `recv[s]` where rank `s`'s
+    /// bytes land (a zero length needs no valid address). With `pairing`, the
+    /// landing message carries its words and each peer's are checked before any
+    /// copy starts.
+    pub(crate) fn exchange_spans(
         &self,
-        send: &[(u64, usize)],
-        recv: &[(u64, usize)],
-        row_bytes: usize,
+        send: &[Vec<Span>],
+        recv: &[Vec<Span>],
+        pairing: Option<&dyn Pairing>,
     ) -> EpResult<()> {
         let (me, world) = (self.rank(), self.world_size());
-        let landings = recv
+        // What each source is told: where in each plane its bytes land, and how many.
+        let landings: Vec<Vec<u64>> = recv
             .iter()
-            .map(|&(address, rows)| Landing { address, rows })
+            .map(|spans| {
+                spans
+                    .iter()
+                    .flat_map(|&(at, bytes)| [at, bytes as u64])
+                    .collect()
+            })
             .collect();
-        counters::control_message();
-        let landings: Vec<Landing> = self.control.all_to_all(landings)?;
+        let landings: Vec<Vec<u64>> = match pairing {
+            Some(pairing) => open_call(self.control.as_ref(), pairing, landings),
+            None => {
+                counters::control_message();
+                self.control.all_to_all(landings)
+            }
+        }?;
 
         set_current(&self.contexts, self.device())?;
-        let mut started = Ok(());
-        for (dest, (landing, &(source, rows))) in landings.iter().zip(send).enumerate() {
-            if landing.rows != rows {
-                started = Err(EpError::Transport(format!(
-                    "rank {me} sends {rows} rows to rank {dest}, which expects {}",
-                    landing.rows
-                )));
-                break;
-            }
-            if rows > 0 {
-                if let Err(e) = self.copy(dest, landing.address, source, rows * row_bytes) {
-                    started = Err(e);
-                    break;
+        let started = (|| {
+            for (dest, (landing, spans)) in landings.iter().zip(send).enumerate() {
+                for (to, &(from, bytes)) in landing.chunks_exact(2).zip(spans) {
+                    let (to, expected) = (to[0], to[1] as usize);
+                    if expected != bytes {
+                        return Err(EpError::Transport(format!(
+                            "rank {me} sends {bytes} bytes to rank {dest}, which expects \
+                             {expected}"
+                        )));
+                    }
+                    if bytes > 0 {
+                        self.copy(dest, to, from, bytes)?;
+                    }
                 }
             }
-        }
+            Ok(())
+        })();
         // Wait for whatever was started even after an error: the buffers must not be
         // released under a running copy.
         let finished = self.wait_copies();
@@ -322,34 +370,20 @@ impl CudaPeerComm {
     }
 }
 
-/// The (address, rows) of each segment of a buffer cut into `counts` rows in order.
-pub(crate) fn segments(base: u64, counts: &[usize], row_bytes: usize) -> Vec<(u64, usize)> {
-    let mut offset = 0u64;
-    counts
-        .iter()
-        .map(|&rows| {
-            let segment = (base + offset, rows);
-            offset += (rows * row_bytes) as u64;
-            segment
-        })
-        .collect()
-}
-
 impl DeviceExchange for CudaPeerComm {
     /// Addresses are device pointers on this rank's device.
     fn all_to_all_v(
         &self,
-        send: u64,
+        planes: &[Plane],
         send_counts: &[usize],
-        recv: u64,
         recv_counts: &[usize],
-        row_bytes: usize,
+        pairing: &dyn Pairing,
     ) -> EpResult<()> {
         check_counts(self.rank(), self.world_size(), send_counts, recv_counts)?;
-        self.exchange_segments(
-            &segments(send, send_counts, row_bytes),
-            &segments(recv, recv_counts, row_bytes),
-            row_bytes,
+        self.exchange_spans(
+            &spans_per_rank(planes, send_counts, |p| p.send),
+            &spans_per_rank(planes, recv_counts, |p| p.recv),
+            Some(pairing),
         )
     }
 }
@@ -360,6 +394,9 @@ impl Drop for CudaPeerComm {
             for stream in &self.streams {
                 // Nothing is queued: every call waits for its copies before returning.
                 let _ = unsafe { result::stream::destroy(stream.0) };
+            }
+            for event in &self.events {
+                let _ = unsafe { result::event::destroy(event.0) };
             }
         }
     }

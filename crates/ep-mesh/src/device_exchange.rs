@@ -2,22 +2,93 @@
 //! It speaks in raw device addresses, so it needs no tensor library: burn-ep hands
 //! it the buffers of its tensors.
 
-use ep_core::EpResult;
+use ep_core::{EpError, EpResult};
+
+use crate::control::Control;
+
+/// One buffer pair of an exchange: rows of `row_bytes` bytes at `send` (segments in
+/// rank order) go out, and rows from each source land at `recv` (segments in
+/// source-rank order). The planes of one exchange share its row counts: a payload
+/// and its per-row metadata move together, in one exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plane {
+    pub send: u64,
+    pub recv: u64,
+    pub row_bytes: usize,
+}
+
+/// What the ranks of a group call tell each other before anything moves, so that
+/// two ranks at different calls fail with both calls named instead of trading
+/// rows: every call opens with one control message per peer, the same length for
+/// every call of the group, that starts with three words saying what the call is.
+/// The rest of the message is the call's own (counts, landing addresses). Equal
+/// lengths let any two calls read each other's words, on transports that need
+/// receive lengths up front (NCCL) as well.
+pub trait Pairing: Sync {
+    /// The length, in words, of every opening message of the group.
+    fn message_words(&self) -> usize;
+
+    /// The words this rank tells `peer`.
+    fn words_for(&self, peer: usize) -> [u64; 3];
+
+    /// Checks the words `peer` told this rank.
+    fn check(&self, peer: usize, words: [u64; 3]) -> EpResult<()>;
+}
+
+/// Opens a group call: sends each peer the pairing words followed by `rest[peer]`
+/// (padded to the group's message length), checks every peer's words, and returns
+/// the rest of each peer's message (padding included), in rank order.
+pub fn open_call(
+    control: &dyn Control,
+    pairing: &dyn Pairing,
+    rest: Vec<Vec<u64>>,
+) -> EpResult<Vec<Vec<u64>>> {
+    let len = pairing.message_words();
+    let messages = rest
+        .into_iter()
+        .enumerate()
+        .map(|(peer, rest)| {
+            if 3 + rest.len() > len {
+                return Err(EpError::Transport(format!(
+                    "a call's opening message needs {} words, the group's are {len}",
+                    3 + rest.len()
+                )));
+            }
+            let mut words = pairing.words_for(peer).to_vec();
+            words.extend(rest);
+            words.resize(len, 0);
+            Ok(words)
+        })
+        .collect::<EpResult<_>>()?;
+    let received = control.all_to_all_words(messages, len)?;
+    received
+        .into_iter()
+        .enumerate()
+        .map(|(peer, mut words)| {
+            pairing.check(peer, [words[0], words[1], words[2]])?;
+            Ok(words.split_off(3))
+        })
+        .collect()
+}
+
+/// A call that carries nothing but its pairing check.
+pub fn check_pairing(control: &dyn Control, pairing: &dyn Pairing) -> EpResult<()> {
+    open_call(control, pairing, vec![Vec::new(); control.world_size()]).map(|_| ())
+}
 
 /// A transport that moves rows between device buffers.
 pub trait DeviceExchange: Send + Sync {
-    /// All-to-all-v of device rows: `send_counts[d]` rows of `row_bytes` bytes at
-    /// `send` (segments in rank order) go to rank `d`; `recv_counts[s]` rows from rank
-    /// `s` land at `recv` (segments in source-rank order). The send buffer must be
-    /// written and the receive buffer allocated before the call; when it returns, the
-    /// receive buffer is complete and the send buffer is no longer read.
+    /// All-to-all-v of device rows: `send_counts[d]` rows of every plane go to rank
+    /// `d`; `recv_counts[s]` rows of every plane come from rank `s`. `pairing` is
+    /// checked with every peer before anything moves. The send buffers must be
+    /// written and the receive buffers allocated before the call; when it returns,
+    /// the receive buffers are complete and the send buffers are no longer read.
     fn all_to_all_v(
         &self,
-        send: u64,
+        planes: &[Plane],
         send_counts: &[usize],
-        recv: u64,
         recv_counts: &[usize],
-        row_bytes: usize,
+        pairing: &dyn Pairing,
     ) -> EpResult<()>;
 }
 
@@ -31,11 +102,43 @@ pub(crate) fn check_counts(
     recv_counts: &[usize],
 ) -> EpResult<()> {
     if send_counts.len() != world || recv_counts.len() != world {
-        return Err(ep_core::EpError::Transport(format!(
+        return Err(EpError::Transport(format!(
             "rank {rank}: all_to_all_v needs {world} send and receive counts, got {} and {}",
             send_counts.len(),
             recv_counts.len()
         )));
     }
     Ok(())
+}
+
+/// A contiguous piece of a buffer: its address and length in bytes.
+#[cfg(feature = "cuda")]
+pub(crate) type Span = (u64, usize);
+
+/// For every rank, the spans its rows occupy in each plane's buffer (`send` or
+/// `recv` side, as `address` picks), the buffers cut into `counts` rows in rank
+/// order.
+#[cfg(feature = "cuda")]
+pub(crate) fn spans_per_rank(
+    planes: &[Plane],
+    counts: &[usize],
+    address: impl Fn(&Plane) -> u64,
+) -> Vec<Vec<Span>> {
+    let mut before = 0usize;
+    counts
+        .iter()
+        .map(|&rows| {
+            let spans = planes
+                .iter()
+                .map(|p| {
+                    (
+                        address(p) + (before * p.row_bytes) as u64,
+                        rows * p.row_bytes,
+                    )
+                })
+                .collect();
+            before += rows;
+            spans
+        })
+        .collect()
 }

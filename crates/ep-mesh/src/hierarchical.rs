@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use ep_core::{EpError, EpResult};
 
 use crate::control::Control;
-use crate::cuda_peer::{can_access_peer, cuda_peer_comms_on, segments, CudaPeerComm};
-use crate::device_exchange::{check_counts, DeviceExchange};
+use crate::cuda_peer::{can_access_peer, cuda_peer_comms_on, CudaPeerComm};
+use crate::device_exchange::{
+    check_counts, check_pairing, spans_per_rank, DeviceExchange, Pairing, Plane, Span,
+};
 use crate::local::run_threads;
 use crate::nccl::{transfers, NcclComm};
 use crate::topology::{choose_routes, IntraProcess, Placement, Routes};
@@ -198,36 +200,35 @@ impl Control for HierarchicalComm {
 impl DeviceExchange for HierarchicalComm {
     fn all_to_all_v(
         &self,
-        send: u64,
+        planes: &[Plane],
         send_counts: &[usize],
-        recv: u64,
         recv_counts: &[usize],
-        row_bytes: usize,
+        pairing: &dyn Pairing,
     ) -> EpResult<()> {
         let Some((members, peer)) = &self.peers else {
             let nccl = self.nccl.as_ref().expect("a rank without peers has NCCL");
-            return nccl.all_to_all_v(send, send_counts, recv, recv_counts, row_bytes);
+            return nccl.all_to_all_v(planes, send_counts, recv_counts, pairing);
         };
         check_counts(self.rank, self.world_size, send_counts, recv_counts)?;
+        // The whole group pairs up first: the copies inside the node see only its
+        // members.
+        check_pairing(self, pairing)?;
         let (send, recv) = (
-            segments(send, send_counts, row_bytes),
-            segments(recv, recv_counts, row_bytes),
+            spans_per_rank(planes, send_counts, |p| p.send),
+            spans_per_rank(planes, recv_counts, |p| p.recv),
         );
-        let pick = |list: &[(u64, usize)]| -> Vec<(u64, usize)> {
-            members.iter().map(|&r| list[r]).collect()
+        let pick = |list: &[Vec<Span>]| -> Vec<Vec<Span>> {
+            members.iter().map(|&r| list[r].clone()).collect()
         };
         let Some(nccl) = &self.nccl else {
-            return peer.exchange_segments(&pick(&send), &pick(&recv), row_bytes);
+            return peer.exchange_spans(&pick(&send), &pick(&recv), None);
         };
         // NCCL first (it runs on its own), then the copies, then wait for NCCL.
         let outside = |rank: usize| !members.contains(&rank);
-        let (sends, recvs) = (
-            transfers(&send, row_bytes, outside),
-            transfers(&recv, row_bytes, outside),
-        );
+        let (sends, recvs) = (transfers(&send, outside), transfers(&recv, outside));
         let deadline = Instant::now() + nccl.timeout();
         nccl.start(&sends, &recvs, deadline)?;
-        let copied = peer.exchange_segments(&pick(&send), &pick(&recv), row_bytes);
+        let copied = peer.exchange_spans(&pick(&send), &pick(&recv), None);
         // Wait for NCCL even after a failed copy: its buffers are still in use.
         let received = nccl.finish(&sends, &recvs, deadline);
         copied.and(received)

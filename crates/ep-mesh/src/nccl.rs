@@ -24,8 +24,10 @@ use cudarc::nccl::sys as nccl;
 use ep_core::{counters, EpError, EpResult};
 
 use crate::control::{check_call, Control};
-use crate::cuda_peer::{driver, primary_context, segments, Raw};
-use crate::device_exchange::{check_counts, DeviceExchange};
+use crate::cuda_peer::{driver, primary_context, Raw};
+use crate::device_exchange::{
+    check_counts, check_pairing, spans_per_rank, DeviceExchange, Pairing, Plane, Span,
+};
 use crate::local::run_threads;
 use crate::rendezvous::{exchange_payload, RendezvousConfig};
 
@@ -438,20 +440,19 @@ impl NcclComm {
         })
     }
 
-    /// One all-to-all of device segments, (address, rows of `unit` bytes) per rank:
-    /// NCCL for the peers, a device copy for this rank's own segment; returns once
-    /// the receive buffer is complete.
-    fn exchange(&self, send: &[(u64, usize)], recv: &[(u64, usize)], unit: usize) -> EpResult<()> {
+    /// One all-to-all of device spans, one list per rank (one span per plane):
+    /// NCCL for the peers, a device copy for this rank's own spans; returns once
+    /// the receive buffers are complete.
+    fn exchange(&self, send: &[Vec<Span>], recv: &[Vec<Span>]) -> EpResult<()> {
         let deadline = Instant::now() + self.timeout;
         let me = self.rank;
         let by_nccl = |peer: usize| peer != me || self.loopback;
-        let (sends, recvs) = (
-            transfers(send, unit, by_nccl),
-            transfers(recv, unit, by_nccl),
-        );
+        let (sends, recvs) = (transfers(send, by_nccl), transfers(recv, by_nccl));
         self.start(&sends, &recvs, deadline)?;
         if !self.loopback {
-            self.copy_own(recv[me].0, send[me].0, send[me].1 * unit)?;
+            for (&(to, bytes), &(from, _)) in recv[me].iter().zip(&send[me]) {
+                self.copy_own(to, from, bytes)?;
+            }
         }
         self.finish(&sends, &recvs, deadline)
     }
@@ -475,18 +476,18 @@ impl NcclComm {
     }
 }
 
-/// The NCCL transfers of the segments (address, rows of `unit` bytes) of the ranks
-/// `keep` accepts.
-pub(crate) fn transfers(
-    segments: &[(u64, usize)],
-    unit: usize,
-    keep: impl Fn(usize) -> bool,
-) -> Vec<Transfer> {
-    segments
+/// The NCCL transfers of the spans of the ranks `keep` accepts, in rank order and,
+/// per rank, in plane order (both ends queue them alike, so they pair up).
+pub(crate) fn transfers(spans: &[Vec<Span>], keep: impl Fn(usize) -> bool) -> Vec<Transfer> {
+    spans
         .iter()
         .enumerate()
         .filter(|&(peer, _)| keep(peer))
-        .map(|(peer, &(address, rows))| (peer, address, rows * unit))
+        .flat_map(|(peer, spans)| {
+            spans
+                .iter()
+                .map(move |&(address, bytes)| (peer, address, bytes))
+        })
         .collect()
 }
 
@@ -506,17 +507,16 @@ fn peers_of(sends: &[Transfer], recvs: &[Transfer]) -> Vec<usize> {
 impl DeviceExchange for NcclComm {
     fn all_to_all_v(
         &self,
-        send: u64,
+        planes: &[Plane],
         send_counts: &[usize],
-        recv: u64,
         recv_counts: &[usize],
-        row_bytes: usize,
+        pairing: &dyn Pairing,
     ) -> EpResult<()> {
         check_counts(self.rank, self.world_size, send_counts, recv_counts)?;
+        check_pairing(self, pairing)?;
         self.exchange(
-            &segments(send, send_counts, row_bytes),
-            &segments(recv, recv_counts, row_bytes),
-            row_bytes,
+            &spans_per_rank(planes, send_counts, |p| p.send),
+            &spans_per_rank(planes, recv_counts, |p| p.recv),
         )
     }
 }
@@ -546,10 +546,14 @@ impl Control for NcclComm {
         }
         let recv_base = address + outgoing.len() as u64;
         let send_lens: Vec<usize> = send.iter().map(Vec::len).collect();
+        let bytes = [Plane {
+            send: address,
+            recv: recv_base,
+            row_bytes: 1,
+        }];
         self.exchange(
-            &segments(address, &send_lens, 1),
-            &segments(recv_base, recv_lens, 1),
-            1,
+            &spans_per_rank(&bytes, &send_lens, |p| p.send),
+            &spans_per_rank(&bytes, recv_lens, |p| p.recv),
         )?;
         let mut incoming = vec![0u8; incoming_len];
         if incoming_len > 0 {
