@@ -22,7 +22,7 @@ mod runner;
 mod transfer;
 pub mod zero_size;
 
-pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RoutePlan};
+pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RecordRows, RoutePlan};
 pub use ep_core::{counters, EpConfig, EpError, EpResult};
 pub use ep_mesh::{
     local_comms, run_local, Control, DeviceExchange, LocalComm, Mesh, DEFAULT_TIMEOUT,
