@@ -246,17 +246,14 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
             let plan = d.routing.plan().clone();
             let inner_x = x.clone().into_primitive().tensor();
             let inner_idx = idx.clone().into_primitive();
-            let slots = plan.slots.clone();
             let layout = timed(&mut || {
                 B::ep_layout(inner_idx.clone(), &config).unwrap();
             });
             let control = timed(&mut || group.barrier().unwrap());
             let sync = timed(&mut || {});
             let packed = || {
-                slots
-                    .clone()
-                    .filter(|_| plan.sent_rows() > 0)
-                    .map(|s| B::ep_pack(inner_x.clone(), s, plan.sent_rows(), None).0)
+                plan.send_slots()
+                    .map(|s| B::ep_pack(inner_x.clone(), s.clone(), plan.sent_rows(), None).0)
             };
             let pack = timed(&mut || {
                 packed();

@@ -385,14 +385,16 @@ fn ranks_making_different_calls_get_a_named_error() {
         }
         group.barrier()
     });
+    assert_both_calls_named(results, ["count exchange", "barrier"]);
+}
+
+/// Each of two ranks got `ExchangeMismatch` naming its own call (`calls[rank]`) as
+/// expected and its peer's as what came.
+fn assert_both_calls_named(results: Vec<Result<(), EpError>>, calls: [&str; 2]) {
     for (rank, result) in results.into_iter().enumerate() {
+        let (mine, theirs) = (calls[rank], calls[1 - rank]);
         match result {
             Err(EpError::ExchangeMismatch { expected, got, .. }) => {
-                let (mine, theirs) = if rank == 0 {
-                    ("count exchange", "barrier")
-                } else {
-                    ("barrier", "count exchange")
-                };
                 assert!(expected.contains(mine), "rank {rank}: {expected}");
                 assert!(got.contains(theirs), "rank {rank}: {got}");
             }
@@ -418,20 +420,7 @@ fn exchange_against_a_barrier<B: ExpertParallelBackend>(device: B::Device) {
             group.barrier()
         }
     });
-    for (rank, result) in results.into_iter().enumerate() {
-        match result {
-            Err(EpError::ExchangeMismatch { expected, got, .. }) => {
-                let (mine, theirs) = if rank == 0 {
-                    ("combine", "barrier")
-                } else {
-                    ("barrier", "combine")
-                };
-                assert!(expected.contains(mine), "rank {rank}: {expected}");
-                assert!(got.contains(theirs), "rank {rank}: {got}");
-            }
-            other => panic!("rank {rank}: expected a mismatch, got {other:?}"),
-        }
-    }
+    assert_both_calls_named(results, ["combine", "barrier"]);
 }
 
 #[rstest]

@@ -60,6 +60,11 @@ impl<I, D> RoutePlan<I, D> {
     pub fn received_rows(&self) -> usize {
         self.recv_counts.iter().sum()
     }
+
+    /// The send slots, when this rank sends any rows (what a pack needs).
+    pub fn send_slots(&self) -> Option<&I> {
+        self.slots.as_ref().filter(|_| self.sent_rows() > 0)
+    }
 }
 
 /// What the layout step returns.
@@ -369,23 +374,20 @@ pub trait ExpertParallelBackend: Backend {
     ) -> EpResult<(FloatTensor<Self>, Option<FloatTensor<Self>>)> {
         let ([_, hidden], [_, top_k]) = (x.shape().dims(), weights.shape().dims());
         let dtypes = [x.dtype(), weights.dtype()];
-        let sent = match &plan.slots {
-            Some(slots) if plan.sent_rows() > 0 => {
-                let rows = Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0;
-                let meta = PackMeta {
-                    topk_idx,
-                    experts_per_rank: expert_offsets.len(),
-                };
-                let (weights, ids) =
-                    Self::ep_pack(weights, slots.clone(), plan.sent_rows(), Some(meta));
-                Some(RecordRows {
-                    rows,
-                    weights,
-                    expert_ids: ids.expect("a recording pack returns its metadata"),
-                })
+        let sent = plan.send_slots().map(|slots| {
+            let rows = Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0;
+            let meta = PackMeta {
+                topk_idx,
+                experts_per_rank: expert_offsets.len(),
+            };
+            let (weights, ids) =
+                Self::ep_pack(weights, slots.clone(), plan.sent_rows(), Some(meta));
+            RecordRows {
+                rows,
+                weights,
+                expert_ids: ids.expect("a recording pack returns its metadata"),
             }
-            _ => None,
-        };
+        });
         let received = Self::ep_exchange_record(
             ExchangeTag::new(plan.handle, ExchangeOp::Record),
             sent,
@@ -417,12 +419,9 @@ pub trait ExpertParallelBackend: Backend {
     ) -> EpResult<Option<FloatTensor<Self>>> {
         let x_t = float::<Self, 2>(x.clone());
         let (cols, dtype) = (x_t.dims()[1], x_t.dtype());
-        let packed = match &plan.slots {
-            Some(slots) if plan.sent_rows() > 0 => {
-                Some(Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0)
-            }
-            _ => None,
-        };
+        let packed = plan
+            .send_slots()
+            .map(|slots| Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0);
         Self::ep_exchange(
             ExchangeTag::new(plan.handle, op),
             packed,
