@@ -46,7 +46,8 @@ synchronisations, control messages, row exchanges, burn-ep's kernel launches.
 GB/s is DeepEP's convention: every row received, times H, times the element size,
 over the median. The HBM floor (CUDA) is the fewest bytes the operation must read
 and write on the busiest GPU (the expert-major layout: sent rows read, padded rows
-written; combine: padded rows read, tokens written), over twice the device-copy
+written; combine: padded rows read, tokens written; rank-major: received rows in
+place of padded rows), over twice the device-copy
 rate measured in the same run (a copy reads and writes each byte); `x floor` is
 the median over it. The local transport moves host copies between rank threads;
 cuda-peer moves device buffers with the copy engines.";
@@ -239,7 +240,33 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                     .dispatch(xg.clone(), idx.clone(), w.clone().require_grad())
                     .unwrap();
                 let out = group.combine(dd.rows, &dd.routing).unwrap();
-                let _ = out.sum().backward();
+                // The gradient of `out.sum()`, seeded directly (Burn seeds a
+                // backward pass with ones of the root's shape): Burn 0.21's sum of
+                // a whole [4096, 7168] bf16 tensor runs on 4 cubes, about 1 ms on
+                // an H100 with its backward, and none of it is burn-ep's.
+                let _ = out.backward();
+            });
+            // The rank-major layout: each received token once, no expand or reduce.
+            let rm = group.dispatch_rank_major(x.clone(), idx.clone(), w.clone())?;
+            let rm_rows = rm.rows.clone();
+            let rank_major = timed(&mut || {
+                group
+                    .dispatch_rank_major(x.clone(), idx.clone(), w.clone())
+                    .unwrap();
+            });
+            let rank_major_cached = timed(&mut || {
+                group.dispatch_cached(x.clone(), &rm.routing).unwrap();
+            });
+            let rank_major_combine = timed(&mut || {
+                group.combine(rm_rows.clone(), &rm.routing).unwrap();
+            });
+            let rank_major_round_trip = timed(&mut || {
+                let xg = x.clone().require_grad();
+                let dd = group
+                    .dispatch_rank_major(xg.clone(), idx.clone(), w.clone().require_grad())
+                    .unwrap();
+                let out = group.combine(dd.rows, &dd.routing).unwrap();
+                let _ = out.backward();
             });
             // The steps of one dispatch, timed alone (each between device
             // synchronisations): where the time of a dispatch goes.
@@ -263,6 +290,13 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
             let packs = timed(&mut || {
                 for _ in 0..8 {
                     packed();
+                }
+            });
+            // The same for eight of Burn's own element-wise launches (`x + 1`, not
+            // tracked): what any CubeCL launch costs, next to burn-ep's.
+            let adds = timed(&mut || {
+                for _ in 0..8 {
+                    let _ = x.clone().add_scalar(1.0);
                 }
             });
             let sent = packed();
@@ -294,6 +328,10 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
             let row = hidden * elem;
             let dispatch_floor = (plan.sent_rows() + plan.padded_rows) * row;
             let combine_floor = (plan.padded_rows + tokens) * row;
+            // Rank-major: each sent row read, each received row written; combine:
+            // each received row read, each token written.
+            let rank_major_floor = (plan.sent_rows() + received) * row;
+            let rank_major_combine_floor = (received + tokens) * row;
             let phase = |name, (times, counts), bytes, floor_bytes| Phase {
                 name,
                 times,
@@ -311,10 +349,30 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                     4 * bytes,
                     2 * (dispatch_floor + combine_floor),
                 ),
+                phase("rank-major dispatch", rank_major, bytes, rank_major_floor),
+                phase(
+                    "rank-major cached dispatch",
+                    rank_major_cached,
+                    bytes,
+                    rank_major_floor,
+                ),
+                phase(
+                    "rank-major combine",
+                    rank_major_combine,
+                    bytes,
+                    rank_major_combine_floor,
+                ),
+                phase(
+                    "rank-major fwd+bwd",
+                    rank_major_round_trip,
+                    4 * bytes,
+                    2 * (rank_major_floor + rank_major_combine_floor),
+                ),
                 phase("step: layout (+count read)", layout, 0, 0),
                 phase("step: control message", control, 0, 0),
                 phase("step: pack", pack, 0, 0),
                 phase("step: 8 packs, no sync between", packs, 0, 0),
+                phase("step: 8 Burn adds, no sync between", adds, 0, 0),
                 phase("step: row exchange", exchange_time, bytes, 0),
                 phase("step: expand", expand, 0, 0),
                 phase("step: device sync alone", sync, 0, 0),
@@ -420,7 +478,7 @@ fn main() {
     // Ranks on one GPU share its HBM: their floors add up.
     let shared_gpu = o.transport == Transport::Local || rates.gpus < 2;
     println!(
-        "{:>6}  {:<28} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
+        "{:>6}  {:<30} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
         "T",
         "phase",
         "p10 µs",
@@ -483,7 +541,7 @@ fn main() {
             let shown = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".into(), f);
             let c = p.counts;
             println!(
-                "{tokens:>6}  {:<28} {p10:>9.1} {median:>9.1} {p90:>9.1} {:>8.2} {gbps:>8.2} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
+                "{tokens:>6}  {:<30} {p10:>9.1} {median:>9.1} {p90:>9.1} {:>8.2} {gbps:>8.2} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
                 p.name,
                 p.bytes as f64 / 1e6,
                 shown(fraction, &|f| format!("{:.1}%", 100.0 * f)),

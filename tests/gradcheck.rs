@@ -7,7 +7,7 @@ mod common;
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_ep::{EpGroup, ExpertParallelBackend};
+use burn_ep::{DispatchLayout, EpGroup, ExpertParallelBackend};
 use common::*;
 use ep_core::reference::RankBatch;
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern, SplitMix64};
@@ -62,7 +62,12 @@ struct RankGrads {
 
 /// Expert parallel: `layers` MoE layers in sequence (x → layer 1 → layer 2 ...), each
 /// with its own routing, all on one group; loss = sum over ranks of <out, proj>.
-fn ep_gradients<B>(device: B::Device, config: &EpConfig, layers: &[Layer]) -> Vec<RankGrads>
+fn ep_gradients<B>(
+    device: B::Device,
+    config: &EpConfig,
+    layers: &[Layer],
+    layout: DispatchLayout,
+) -> Vec<RankGrads>
 where
     B: ExpertParallelBackend + AutodiffBackend,
 {
@@ -83,9 +88,19 @@ where
                     tensor::<B>(&layer.experts[rank * local + j], [h, h], &device).require_grad()
                 })
                 .collect();
-            let d = group.dispatch(hidden, idx, w.clone())?;
-            let y = run_linear_experts(d.rows, d.routing.expert_offsets(), &mats, true);
-            hidden = group.combine(y, &d.routing)?;
+            let (y, routing) = match layout {
+                DispatchLayout::ExpertMajor => {
+                    let d = group.dispatch(hidden, idx, w.clone())?;
+                    let offsets = d.routing.expert_offsets().to_vec();
+                    (run_linear_experts(d.rows, &offsets, &mats, true), d.routing)
+                }
+                DispatchLayout::RankMajor => {
+                    let d = group.dispatch_rank_major(hidden, idx, w.clone())?;
+                    let y = rank_major_linear_experts(d.rows, d.expert_ids, d.weights, &mats);
+                    (y, d.routing)
+                }
+            };
+            hidden = group.combine(y, &routing)?;
             weights.push(w);
             matrices.extend(mats);
         }
@@ -112,6 +127,29 @@ where
     .into_iter()
     .map(|r| r.unwrap())
     .collect()
+}
+
+/// The experts of one rank on its rank-major rows: each row times, for every local
+/// expert `j`, its weight for `j` (zero when no slot names `j`) times matrix `j`.
+fn rank_major_linear_experts<B: ExpertParallelBackend>(
+    rows: Tensor<B, 2>,
+    ids: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    matrices: &[Tensor<B, 2>],
+) -> Tensor<B, 2> {
+    if rows.dims()[0] == 0 {
+        return rows; // CubeCL refuses zero-size launches
+    }
+    matrices
+        .iter()
+        .enumerate()
+        .map(|(j, m)| {
+            let chose = ids.clone().equal_elem(j as i64).float();
+            let weight = (weights.clone() * chose).sum_dim(1);
+            rows.clone().matmul(m.clone()) * weight
+        })
+        .reduce(|a, b| a + b)
+        .expect("a rank holds at least one expert")
 }
 
 /// The same function on one device without expert parallelism: for every token,
@@ -220,18 +258,18 @@ fn assert_grads_match(ep: &[RankGrads], dense: &[RankGrads], tolerance: f32) {
 type AdNdArray = Autodiff<NdArray>;
 type AdCube = Autodiff<Cube>;
 
-fn parity(which: Which, config: &EpConfig, layers: &[Layer]) {
+fn parity(which: Which, layout: DispatchLayout, config: &EpConfig, layers: &[Layer]) {
     if !runs_here(which) {
         return;
     }
     match which {
         Which::NdArray => {
-            let ep = ep_gradients::<AdNdArray>(Default::default(), config, layers);
+            let ep = ep_gradients::<AdNdArray>(Default::default(), config, layers, layout);
             let dense = dense_gradients::<AdNdArray>(Default::default(), config, layers);
             assert_grads_match(&ep, &dense, 1e-5);
         }
         Which::Cube => {
-            let ep = ep_gradients::<AdCube>(Default::default(), config, layers);
+            let ep = ep_gradients::<AdCube>(Default::default(), config, layers, layout);
             let dense = dense_gradients::<AdCube>(Default::default(), config, layers);
             assert_grads_match(&ep, &dense, 1e-5);
         }
@@ -241,16 +279,20 @@ fn parity(which: Which, config: &EpConfig, layers: &[Layer]) {
 #[rstest]
 fn gradcheck_dense_parity(
     #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(DispatchLayout::ExpertMajor, DispatchLayout::RankMajor)] layout: DispatchLayout,
     #[values(1, 2, 4)] world: usize,
     #[values(RoutingPattern::Skewed, RoutingPattern::AllToOneRank)] pattern: RoutingPattern,
 ) {
     let config = EpConfig::new(world, 2 * world, 2, 6).with_expert_alignment(4);
     let layers = [layer(&config, 11, pattern, SentinelPattern::RandomTenth, 3)];
-    parity(which, &config, &layers);
+    parity(which, layout, &config, &layers);
 }
 
 #[rstest]
-fn gradcheck_three_layers_share_one_group(#[values(Which::NdArray, Which::Cube)] which: Which) {
+fn gradcheck_three_layers_share_one_group(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(DispatchLayout::ExpertMajor, DispatchLayout::RankMajor)] layout: DispatchLayout,
+) {
     let config = EpConfig::new(2, 4, 2, 5).with_expert_alignment(2);
     let layers = [
         layer(
@@ -275,13 +317,16 @@ fn gradcheck_three_layers_share_one_group(#[values(Which::NdArray, Which::Cube)]
             3,
         ),
     ];
-    parity(which, &config, &layers);
+    parity(which, layout, &config, &layers);
 }
 
 /// Central differences of the total loss: the loss is linear in each input taken
 /// alone, so a large step is exact up to rounding.
 #[rstest]
-fn gradcheck_finite_differences(#[values(Which::NdArray, Which::Cube)] which: Which) {
+fn gradcheck_finite_differences(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(DispatchLayout::ExpertMajor, DispatchLayout::RankMajor)] layout: DispatchLayout,
+) {
     if !runs_here(which) {
         return;
     }
@@ -294,20 +339,29 @@ fn gradcheck_finite_differences(#[values(Which::NdArray, Which::Cube)] which: Wh
         9,
     );
     let grads = match which {
-        Which::NdArray => {
-            ep_gradients::<AdNdArray>(Default::default(), &config, std::slice::from_ref(&base))
-        }
-        Which::Cube => {
-            ep_gradients::<AdCube>(Default::default(), &config, std::slice::from_ref(&base))
-        }
+        Which::NdArray => ep_gradients::<AdNdArray>(
+            Default::default(),
+            &config,
+            std::slice::from_ref(&base),
+            layout,
+        ),
+        Which::Cube => ep_gradients::<AdCube>(
+            Default::default(),
+            &config,
+            std::slice::from_ref(&base),
+            layout,
+        ),
     };
     let total = |l: &Layer| -> f32 {
         let g = match which {
-            Which::NdArray => {
-                ep_gradients::<AdNdArray>(Default::default(), &config, std::slice::from_ref(l))
-            }
+            Which::NdArray => ep_gradients::<AdNdArray>(
+                Default::default(),
+                &config,
+                std::slice::from_ref(l),
+                layout,
+            ),
             Which::Cube => {
-                ep_gradients::<AdCube>(Default::default(), &config, std::slice::from_ref(l))
+                ep_gradients::<AdCube>(Default::default(), &config, std::slice::from_ref(l), layout)
             }
         };
         g.iter().map(|r| r.loss).sum()
@@ -359,7 +413,10 @@ fn gradcheck_finite_differences(#[values(Which::NdArray, Which::Cube)] which: Wh
 /// A token whose slots are all `-1` gets zero gradient, and a rank that receives
 /// nothing (every token picks rank 0's experts) still completes the backward.
 #[rstest]
-fn gradcheck_sentinels_and_empty_ranks(#[values(Which::NdArray, Which::Cube)] which: Which) {
+fn gradcheck_sentinels_and_empty_ranks(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(DispatchLayout::ExpertMajor, DispatchLayout::RankMajor)] layout: DispatchLayout,
+) {
     if !runs_here(which) {
         return;
     }
@@ -376,12 +433,18 @@ fn gradcheck_sentinels_and_empty_ranks(#[values(Which::NdArray, Which::Cube)] wh
         b.topk_idx[1] = -1; // token 0: only sentinels
     }
     let grads = match which {
-        Which::NdArray => {
-            ep_gradients::<AdNdArray>(Default::default(), &config, std::slice::from_ref(&l))
-        }
-        Which::Cube => {
-            ep_gradients::<AdCube>(Default::default(), &config, std::slice::from_ref(&l))
-        }
+        Which::NdArray => ep_gradients::<AdNdArray>(
+            Default::default(),
+            &config,
+            std::slice::from_ref(&l),
+            layout,
+        ),
+        Which::Cube => ep_gradients::<AdCube>(
+            Default::default(),
+            &config,
+            std::slice::from_ref(&l),
+            layout,
+        ),
     };
     for g in &grads {
         assert!(
@@ -397,7 +460,7 @@ fn gradcheck_sentinels_and_empty_ranks(#[values(Which::NdArray, Which::Cube)] wh
     }
     // Rank 1 holds experts nobody picked: zero gradient, and it got there.
     assert!(grads[1].experts.iter().flatten().all(|&v| v == 0.0));
-    parity(which, &config, std::slice::from_ref(&l));
+    parity(which, layout, &config, std::slice::from_ref(&l));
 }
 
 /// Replays that do not match their handle are errors on the autodiff backend too.

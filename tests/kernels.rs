@@ -8,7 +8,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use burn_ep::ExpertParallelBackend;
 use common::*;
 use ep_core::reference::{self, RankBatch};
-use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
+use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern, SplitMix64};
 use ep_core::EpConfig;
 use rstest::rstest;
 
@@ -176,4 +176,124 @@ fn deepseek_sizes() {
     let batches = synthetic_batches(&config, 4096, pattern, sentinels, 99);
     let fresh = fresh_payload(&config, &batches, 4096, pattern, sentinels);
     check_against_reference::<Cube>(Default::default(), config, batches, fresh);
+}
+
+/// Inputs of combine's backward on the expert side: `rows` received rows with
+/// `top_k` slots; about a fifth of the slots are `-1`, the others name distinct
+/// expert-major rows, and every third expert-major row is left as a pad.
+struct CombineGradCase {
+    grad: Vec<f32>,
+    y: Vec<f32>,
+    weights: Vec<f32>,
+    positions: Vec<i64>,
+    pads: Vec<u32>,
+    padded_rows: usize,
+}
+
+fn combine_grad_case(rows: usize, top_k: usize, hidden: usize, seed: u64) -> CombineGradCase {
+    let mut rng = SplitMix64::new(seed);
+    let mut positions = vec![-1i64; rows * top_k];
+    let mut next = 0usize;
+    let mut pads = Vec::new();
+    // Slots are visited in a scrambled order, so positions are not sorted by slot.
+    let mut order: Vec<usize> = (0..rows * top_k).collect();
+    for i in (1..order.len()).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    for s in order {
+        if rng.next_f32() < 0.2 {
+            continue;
+        }
+        if next % 3 == 2 {
+            pads.push(next as u32);
+            next += 1;
+        }
+        positions[s] = next as i64;
+        next += 1;
+    }
+    let padded_rows = next;
+    let mut values = |n: usize| (0..n).map(|_| rng.next_f32() - 0.5).collect::<Vec<f32>>();
+    CombineGradCase {
+        grad: values(rows * hidden),
+        y: values(padded_rows * hidden),
+        weights: values(rows * top_k),
+        positions,
+        pads,
+        padded_rows,
+    }
+}
+
+/// `ep_combine_grad` against plain Rust: `grad_y[p] = w · g` at every slot's
+/// position (pads zero), and `grad_w = g · y[p]` per slot (zero on `-1` slots), for
+/// each pair of outputs a backward pass can ask for.
+fn combine_grad_matches<B: ExpertParallelBackend>(
+    hidden: usize,
+    with_grad_y: bool,
+    with_grad_w: bool,
+) {
+    let device: burn::tensor::Device<B> = Default::default();
+    let (rows, top_k) = (37, 5);
+    let c = combine_grad_case(rows, top_k, hidden, 41 + hidden as u64);
+    let p = c.padded_rows;
+    let (grad_y, grad_w) = B::ep_combine_grad(
+        floats::<B>(&c.grad, [rows, hidden], &device)
+            .into_primitive()
+            .tensor(),
+        with_grad_w.then(|| {
+            floats::<B>(&c.y, [p, hidden], &device)
+                .into_primitive()
+                .tensor()
+        }),
+        floats::<B>(&c.weights, [rows, top_k], &device)
+            .into_primitive()
+            .tensor(),
+        ints::<B>(&c.positions, [rows, top_k], &device).into_primitive(),
+        p,
+        &c.pads,
+        with_grad_y,
+    );
+    let mut want_y = vec![0.0f32; p * hidden];
+    let mut want_w = vec![0.0f32; rows * top_k];
+    for (s, &pos) in c.positions.iter().enumerate() {
+        if pos < 0 {
+            continue;
+        }
+        let (i, pos) = (s / top_k, pos as usize);
+        for h in 0..hidden {
+            let g = c.grad[i * hidden + h];
+            want_y[pos * hidden + h] = c.weights[s] * g;
+            want_w[s] += g * c.y[pos * hidden + h];
+        }
+    }
+    assert_eq!(grad_y.is_some(), with_grad_y);
+    assert_eq!(grad_w.is_some(), with_grad_w);
+    if let Some(got) = grad_y {
+        let got = host(Tensor::<B, 2>::from_primitive(
+            burn::tensor::TensorPrimitive::Float(got),
+        ));
+        assert_close(&got, &want_y, 1e-6, "grad_y");
+    }
+    if let Some(got) = grad_w {
+        let got = host(Tensor::<B, 2>::from_primitive(
+            burn::tensor::TensorPrimitive::Float(got),
+        ));
+        assert_close(&got, &want_w, 1e-5, "grad_w");
+    }
+}
+
+#[rstest]
+fn combine_grad_matches_plain_rust(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    // 7 is a multiple of no vector width; 1200 spans more than one pass of the cube.
+    #[values(7, 64, 1200)] hidden: usize,
+    #[values((true, true), (true, false), (false, true))] wanted: (bool, bool),
+) {
+    if !runs_here(which) {
+        return;
+    }
+    let (with_grad_y, with_grad_w) = wanted;
+    match which {
+        Which::NdArray => combine_grad_matches::<NdArray>(hidden, with_grad_y, with_grad_w),
+        Which::Cube => combine_grad_matches::<Cube>(hidden, with_grad_y, with_grad_w),
+    }
 }

@@ -1,11 +1,13 @@
 //! ep-kernels: the CubeCL kernels of burn-ep, one file per family, following
 //! DESIGN.md's data flow: [`layout`] → [`slots`] → [`pack`] → (transport) →
-//! [`expand`]; combine runs [`reduce`] → (transport) → [`sum`].
+//! [`expand`]; combine runs [`reduce`] → (transport) → [`sum`]; combine's backward
+//! ends in [`combine_grad`].
 //!
 //! Kernels take flat arrays; the launch code lives with the backend (burn-ep's
 //! `cube` module), which owns the tensors. Integer atomics are limited to adds and
 //! plane operations are optional, so every kernel runs on lavapipe's WGSL.
 
+pub mod combine_grad;
 pub mod expand;
 pub mod layout;
 pub mod pack;

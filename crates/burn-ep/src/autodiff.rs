@@ -34,7 +34,7 @@ use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata};
 use ep_core::{EpConfig, EpError, EpResult};
 
 use crate::backend::{
-    float, zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows,
+    zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows,
 };
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 use crate::order::PendingToken;
@@ -126,6 +126,27 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
 
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
         Self::from_inner(B::ep_sum(Self::inner(back), slots))
+    }
+
+    fn ep_combine_grad(
+        grad: FloatTensor<Self>,
+        y: Option<FloatTensor<Self>>,
+        weights: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+        pads: &[u32],
+        with_grad_y: bool,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let (grad_y, grad_w) = B::ep_combine_grad(
+            Self::inner(grad),
+            y.map(Self::inner),
+            Self::inner(weights),
+            positions,
+            padded_rows,
+            pads,
+            with_grad_y,
+        );
+        (grad_y.map(Self::from_inner), grad_w.map(Self::from_inner))
     }
 
     fn ep_exchange(
@@ -224,6 +245,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
     /// Two tracked operations on one exchange: the rows (a dispatch of `x`) and the
     /// received weights (the weights' route), in that order, as if they had moved
     /// one after the other.
+    #[allow(clippy::type_complexity)]
     fn ep_record_route(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
@@ -231,8 +253,11 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         expert_offsets: &[usize],
         plan: &mut Plan<Self>,
         exchange: &SharedExchange,
-    ) -> EpResult<(FloatTensor<Self>, Option<FloatTensor<Self>>)> {
-        let (rows, received_weights) = B::ep_record_route(
+    ) -> EpResult<(
+        FloatTensor<Self>,
+        Option<(FloatTensor<Self>, IntTensor<Self>)>,
+    )> {
+        let (rows, received) = B::ep_record_route(
             x.primitive.clone(),
             weights.primitive.clone(),
             topk_idx,
@@ -245,6 +270,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         // Every rank records the weights' op, even one that receives nothing, so
         // that every rank's backward takes part in the return exchange.
         let (k, dtype) = (weights.shape()[1], weights.dtype());
+        let (received_weights, ids) = received.unzip();
         let received_weights =
             received_weights.unwrap_or_else(|| zeros::<B>([0, k], &plan.device, dtype));
         let anchor = order_anchor(exchange, &weights);
@@ -254,7 +280,9 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
             .compute_bound()
             .stateful();
         let received_weights = finish_in_order(prep, state, received_weights, exchange);
-        Ok((rows, Some(received_weights)))
+        let ids = ids
+            .unwrap_or_else(|| Tensor::<B, 2, Int>::empty([0, k], &plan.device).into_primitive());
+        Ok((rows, Some((received_weights, ids))))
     }
 
     fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
@@ -450,7 +478,28 @@ fn backward_failed<B: ExpertParallelBackend>(what: &str, s: &RouteState<B>, erro
     )
 }
 
-/// dispatch (x → expert-major rows): the gradient is an unweighted combine.
+/// The gradient of received rows `[R, cols]` sent back to their tokens, `[T, cols]`
+/// (the adjoint of a route). Every rank takes part, one that received nothing too.
+fn return_gradient<B: ExpertParallelBackend>(
+    grad: FloatTensor<B>,
+    s: &RouteState<B>,
+    op: ExchangeOp,
+    what: &str,
+) -> FloatTensor<B> {
+    let received = s.plan.received_rows() > 0;
+    B::ep_return_rows(
+        received.then_some(grad),
+        s.cols,
+        s.dtype,
+        &s.plan,
+        &s.exchange,
+        op,
+    )
+    .unwrap_or_else(|e| backward_failed(what, s, e))
+}
+
+/// dispatch (x → rows): the gradient is an unweighted combine (expert-major), or
+/// returns as it is (rank-major).
 #[derive(Debug)]
 struct DispatchRowsBackward;
 
@@ -461,6 +510,14 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchRowsBackward {
         let [parent, _anchor] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
+        if s.plan.rank_major() {
+            // Each received row is one token: its gradient returns as it is.
+            let grad_x = return_gradient(grad, &s, ExchangeOp::RowsGrad, "dispatch");
+            if let Some(parent) = parent {
+                register!(B, grads, parent, grad_x);
+            }
+            return;
+        }
         let unit = s.plan.positions.as_ref().map(|positions| {
             let positions = Tensor::<B, 2, Int>::from_primitive(positions.clone());
             Tensor::<B, 2>::ones(positions.dims(), (&s.plan.device, s.dtype))
@@ -486,16 +543,7 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchWeightsBackward {
         let [parent, _anchor] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let received = s.plan.received_rows() > 0;
-        let grad_w = B::ep_return_rows(
-            received.then_some(grad),
-            s.cols,
-            s.dtype,
-            &s.plan,
-            &s.exchange,
-            ExchangeOp::WeightsGrad,
-        )
-        .unwrap_or_else(|e| backward_failed("the weights' dispatch", &s, e));
+        let grad_w = return_gradient(grad, &s, ExchangeOp::WeightsGrad, "the weights' dispatch");
         if let Some(parent) = parent {
             register!(B, grads, parent, grad_w);
         }
@@ -521,31 +569,20 @@ impl<B: ExpertParallelBackend> Backward<B, 3> for CombineBackward {
         } = ops.state;
         let received = B::ep_route_rows(grad, &s.plan, &s.exchange, ExchangeOp::CombineGrad)
             .unwrap_or_else(|e| backward_failed("combine", &s, e));
-        let weights_t = float::<B, 2>(weights.clone());
-        let [rows, k] = weights_t.dims();
+        let [rows, k] = weights.shape().dims();
         let p = s.plan.padded_rows;
         let (grad_y, grad_w) = match (received, &s.plan.positions) {
-            (Some(received), Some(positions)) => {
-                // Each expert-major row gets its received row's gradient.
-                let expanded =
-                    float::<B, 2>(B::ep_expand(received, positions.clone(), p, &s.plan.pads));
-                let grad_y = y_tracked.then(|| {
-                    let row_w = float::<B, 1>(B::ep_expand_weights(
-                        weights.clone(),
-                        positions.clone(),
-                        p,
-                        &s.plan.pads,
-                    ));
-                    (expanded.clone() * row_w.cast(s.dtype).reshape([p, 1]))
-                        .into_primitive()
-                        .tensor()
-                });
-                let grad_w = y.map(|y| {
-                    let dots = (expanded * float::<B, 2>(y)).sum_dim(1).reshape([p]);
-                    gather_by_positions::<B>(dots, positions.clone(), weights_t.dtype())
-                });
-                (grad_y, grad_w)
-            }
+            // Rank-major: each received row's gradient is its output's; no weights.
+            (received, _) if s.plan.rank_major() => (received, None),
+            (Some(received), Some(positions)) => B::ep_combine_grad(
+                received,
+                y,
+                weights.clone(),
+                positions.clone(),
+                p,
+                &s.plan.pads,
+                y_tracked,
+            ),
             _ => (None, None),
         };
         if let Some(parent) = y_parent {
@@ -554,7 +591,7 @@ impl<B: ExpertParallelBackend> Backward<B, 3> for CombineBackward {
         }
         if let Some(parent) = w_parent {
             let grad_w =
-                grad_w.unwrap_or_else(|| zeros::<B>([rows, k], &s.plan.device, weights_t.dtype()));
+                grad_w.unwrap_or_else(|| zeros::<B>([rows, k], &s.plan.device, weights.dtype()));
             register!(B, grads, parent, grad_w);
         }
     }
@@ -586,28 +623,6 @@ fn register_on<B: ExpertParallelBackend>(
         return;
     }
     grads.register::<B>(probe.node.id, grad);
-}
-
-/// `out[i, k] = values[positions[i, k]]`, or zero where the position is `-1`.
-fn gather_by_positions<B: ExpertParallelBackend>(
-    values: Tensor<B, 1>,
-    positions: IntTensor<B>,
-    dtype: DType,
-) -> FloatTensor<B> {
-    let positions = Tensor::<B, 2, Int>::from_primitive(positions);
-    let [rows, k] = positions.dims();
-    let p = values.dims()[0];
-    let device = values.device();
-    let missing = positions.clone().lower_elem(0);
-    let index = positions.mask_fill(missing, p as i64).reshape([rows * k]);
-    let zero = Tensor::zeros([1], (&device, values.dtype()));
-    let extended = Tensor::cat(vec![values, zero], 0);
-    extended
-        .select(0, index)
-        .reshape([rows, k])
-        .cast(dtype)
-        .into_primitive()
-        .tensor()
 }
 
 fn zeros<B: ExpertParallelBackend>(

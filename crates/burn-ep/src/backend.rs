@@ -25,6 +25,20 @@ use crate::exchange::{
     host_exchange, host_exchange_record, ExchangeOp, ExchangeTag, SharedExchange,
 };
 
+/// How a dispatch lays out the rows it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DispatchLayout {
+    /// Rows grouped by local expert, each group padded to the expert alignment: a
+    /// token that chose two of this rank's experts arrives as two rows. Combine
+    /// takes the experts' outputs in the same layout and applies the top-k weights.
+    #[default]
+    ExpertMajor,
+    /// Each received token once, in source-rank order, with its destination-local
+    /// expert ids and top-k weights (DeepEP's normal dispatch). Combine takes one row
+    /// per received token, already weighted and summed over this rank's experts.
+    RankMajor,
+}
+
 /// The device side of a routing handle: what moving a payload along the route
 /// needs, in forward and backward passes alike. Generic over the int primitive and
 /// device types so that an autodiff backend and its inner backend share it.
@@ -37,7 +51,10 @@ pub struct RoutePlan<I, D> {
     pub tokens: usize,
     pub send_counts: Vec<usize>,
     pub recv_counts: Vec<usize>,
-    /// Expert-major rows, alignment padding included.
+    /// What dispatch returned and combine takes.
+    pub layout: DispatchLayout,
+    /// Rows of the dispatched layout: expert-major rows with their alignment
+    /// padding, or the received rows (rank-major).
     pub padded_rows: usize,
     /// The expert-major rows that are alignment padding (no slot names them).
     pub pads: Vec<u32>,
@@ -45,7 +62,7 @@ pub struct RoutePlan<I, D> {
     /// `[tokens, W]` send slots; `None` when there are no tokens.
     pub slots: Option<I>,
     /// `[received, K]` expert-major row of every received (row, slot); `None` when
-    /// nothing was received.
+    /// nothing was received, and in the rank-major layout.
     pub positions: Option<I>,
 }
 
@@ -64,6 +81,10 @@ impl<I, D> RoutePlan<I, D> {
     /// The send slots, when this rank sends any rows (what a pack needs).
     pub fn send_slots(&self) -> Option<&I> {
         self.slots.as_ref().filter(|_| self.sent_rows() > 0)
+    }
+
+    pub fn rank_major(&self) -> bool {
+        self.layout == DispatchLayout::RankMajor
     }
 }
 
@@ -298,6 +319,41 @@ pub trait ExpertParallelBackend: Backend {
         sum_of_gathers(weighted, terms, received)
     }
 
+    /// The backward of combine on the expert side: `grad [R, H]` holds each
+    /// received row's gradient (routed back like a dispatch). Returns `grad_y
+    /// [P, H]` when `with_grad_y`: every expert-major row's weight times its received
+    /// row's gradient, pad rows zero. And `grad_w [R, K]` when `y` is given: each
+    /// slot's dot product of the gradient with its expert output, zero on `-1`
+    /// slots. (This default is made of Burn ops; CubeCL backends fuse it.)
+    #[allow(clippy::too_many_arguments)]
+    fn ep_combine_grad(
+        grad: FloatTensor<Self>,
+        y: Option<FloatTensor<Self>>,
+        weights: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+        pads: &[u32],
+        with_grad_y: bool,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let dtype = grad.dtype();
+        let weights_dtype = weights.dtype();
+        let p = padded_rows;
+        // Each expert-major row gets its received row's gradient.
+        let expanded = float::<Self, 2>(Self::ep_expand(grad, positions.clone(), p, pads));
+        let grad_y = with_grad_y.then(|| {
+            let row_w =
+                float::<Self, 1>(Self::ep_expand_weights(weights, positions.clone(), p, pads));
+            (expanded.clone() * row_w.cast(dtype).reshape([p, 1]))
+                .into_primitive()
+                .tensor()
+        });
+        let grad_w = y.map(|y| {
+            let dots = (expanded * float::<Self, 2>(y)).sum_dim(1).reshape([p]);
+            gather_by_positions::<Self>(dots, positions, weights_dtype)
+        });
+        (grad_y, grad_w)
+    }
+
     /// Sum: the source side of combine. `back [S, H]` holds what each rank sent back,
     /// in the send buffer's layout; every token sums its rows in rank order.
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
@@ -360,10 +416,12 @@ pub trait ExpertParallelBackend: Backend {
 
     /// The route of a recording dispatch: `x [T, H]` and `weights [T, K]` are packed,
     /// the weights' pack deriving each sent row's destination-local expert ids from
-    /// `topk_idx`, and all three move in one exchange. The received ids give
-    /// `plan.positions` (from each local expert's group start, `expert_offsets`).
-    /// Returns the expert-major rows `[P, H]`, as [`Self::ep_dispatch_rows`] does,
-    /// and the received weights `[R, K]` (`None` when nothing came).
+    /// `topk_idx`, and all three move in one exchange. Returns the rows in the plan's
+    /// layout, as [`Self::ep_dispatch_rows`] does, and the received weights and
+    /// destination-local expert ids, `[R, K]` each (`None` when nothing came). In
+    /// the expert-major layout the received ids give `plan.positions` (from each
+    /// local expert's group start, `expert_offsets`), and the rows are expanded.
+    #[allow(clippy::type_complexity)]
     fn ep_record_route(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
@@ -371,7 +429,10 @@ pub trait ExpertParallelBackend: Backend {
         expert_offsets: &[usize],
         plan: &mut Plan<Self>,
         exchange: &SharedExchange,
-    ) -> EpResult<(FloatTensor<Self>, Option<FloatTensor<Self>>)> {
+    ) -> EpResult<(
+        FloatTensor<Self>,
+        Option<(FloatTensor<Self>, IntTensor<Self>)>,
+    )> {
         let ([_, hidden], [_, top_k]) = (x.shape().dims(), weights.shape().dims());
         let dtypes = [x.dtype(), weights.dtype()];
         let sent = plan.send_slots().map(|slots| {
@@ -402,10 +463,14 @@ pub trait ExpertParallelBackend: Backend {
             let rows = zeros::<Self>([plan.padded_rows, hidden], &plan.device, dtypes[0]);
             return Ok((rows, None));
         };
-        let positions = Self::ep_expert_positions(received.expert_ids, expert_offsets);
+        let ids = received.expert_ids;
+        if plan.rank_major() {
+            return Ok((received.rows, Some((received.weights, ids))));
+        }
+        let positions = Self::ep_expert_positions(ids.clone(), expert_offsets);
         plan.positions = Some(positions.clone());
         let rows = Self::ep_expand(received.rows, positions, plan.padded_rows, &plan.pads);
-        Ok((rows, Some(received.weights)))
+        Ok((rows, Some((received.weights, ids))))
     }
 
     /// Route rows: `x [T, C]` packed and sent along the route; returns the received
@@ -461,8 +526,9 @@ pub trait ExpertParallelBackend: Backend {
         })
     }
 
-    /// Dispatch of a payload along a recorded route: `x [T, H]` to expert-major rows
-    /// `[P, H]` (route, then expand): a cached dispatch.
+    /// Dispatch of a payload along a recorded route, a cached dispatch: `x [T, H]` to
+    /// expert-major rows `[P, H]` (route, then expand), or to the received rows
+    /// `[R, H]` (rank-major: the route alone).
     fn ep_dispatch_rows(
         x: FloatTensor<Self>,
         plan: &Plan<Self>,
@@ -472,6 +538,7 @@ pub trait ExpertParallelBackend: Backend {
         let (hidden, dtype) = (x_t.dims()[1], x_t.dtype());
         let received = Self::ep_route_rows(x, plan, exchange, ExchangeOp::Rows)?;
         Ok(match (received, &plan.positions) {
+            (Some(rows), _) if plan.rank_major() => rows,
             (Some(rows), Some(positions)) => {
                 Self::ep_expand(rows, positions.clone(), plan.padded_rows, &plan.pads)
             }
@@ -488,8 +555,10 @@ pub trait ExpertParallelBackend: Backend {
     }
 
     /// Combine along a recorded route: expert outputs `y [P, H]` and received weights
-    /// `[R, K]` to `[T, H]` (reduce, then return). `op` names the exchange: a
-    /// combine, or the backward of a dispatch.
+    /// `[R, K]` to `[T, H]` (reduce, then return). In the rank-major layout `y` is
+    /// `[R, H]`, already reduced, and returns as it is; `weights` are not read (an
+    /// autodiff backend keeps them as a parent, with a zero gradient). `op` names the
+    /// exchange: a combine, or the backward of a dispatch.
     fn ep_combine_rows(
         y: FloatTensor<Self>,
         weights: Option<FloatTensor<Self>>,
@@ -500,6 +569,7 @@ pub trait ExpertParallelBackend: Backend {
         let y_t = float::<Self, 2>(y.clone());
         let (hidden, dtype) = (y_t.dims()[1], y_t.dtype());
         let reduced = match (weights, &plan.positions) {
+            _ if plan.rank_major() => Some(y).filter(|_| plan.received_rows() > 0),
             (Some(weights), Some(positions)) => {
                 Some(Self::ep_reduce(y, positions.clone(), weights))
             }
@@ -507,6 +577,28 @@ pub trait ExpertParallelBackend: Backend {
         };
         Self::ep_return_rows(reduced, hidden, dtype, plan, exchange, op)
     }
+}
+
+/// `out[i, k] = values[positions[i, k]]`, or zero where the position is `-1`.
+fn gather_by_positions<B: Backend>(
+    values: Tensor<B, 1>,
+    positions: IntTensor<B>,
+    dtype: DType,
+) -> FloatTensor<B> {
+    let positions = Tensor::<B, 2, Int>::from_primitive(positions);
+    let [rows, k] = positions.dims();
+    let p = values.dims()[0];
+    let device = values.device();
+    let missing = positions.clone().lower_elem(0);
+    let index = positions.mask_fill(missing, p as i64).reshape([rows * k]);
+    let zero = Tensor::zeros([1], (&device, values.dtype()));
+    let extended = Tensor::cat(vec![values, zero], 0);
+    extended
+        .select(0, index)
+        .reshape([rows, k])
+        .cast(dtype)
+        .into_primitive()
+        .tensor()
 }
 
 /// `sum over terms of rows[index]`, row by row, in term order; an index of `-1`

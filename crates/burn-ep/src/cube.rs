@@ -13,7 +13,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::features::Plane;
 use cubecl::prelude::*;
 use ep_core::{counters, validate, EpConfig, EpError, EpResult};
-use ep_kernels::{expand, layout, pack, reduce, slots, sum};
+use ep_kernels::{combine_grad, expand, layout, pack, reduce, slots, sum};
 
 use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows};
 use crate::cube_exchange::device_exchange;
@@ -334,6 +334,64 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             [y.dtype.into(), weights.dtype.into(), positions.dtype.into()],
         );
         out
+    }
+
+    fn ep_combine_grad(
+        grad: FloatTensor<Self>,
+        y: Option<FloatTensor<Self>>,
+        weights: FloatTensor<Self>,
+        positions: IntTensor<Self>,
+        padded_rows: usize,
+        pads: &[u32],
+        with_grad_y: bool,
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>) {
+        let (grad, weights, positions) = (
+            into_contiguous(grad),
+            into_contiguous(weights),
+            into_contiguous(positions),
+        );
+        let y = y.map(into_contiguous);
+        let [rows, hidden] = dims2(&grad);
+        let top_k = dims2(&positions)[1];
+        let client = grad.client.clone();
+        let grad_y = with_grad_y
+            .then(|| alloc::<R, _>(&client, &grad.device, [padded_rows, hidden], grad.dtype));
+        let grad_w = y
+            .is_some()
+            .then(|| alloc::<R, _>(&client, &grad.device, [rows, top_k], weights.dtype));
+        let n = vector_size::<R>(&client, hidden, grad.dtype);
+        if rows > 0 && (grad_y.is_some() || grad_w.is_some()) {
+            // An output not asked for is never written, nor `y` read: any array of
+            // the right type stands in for them.
+            counters::kernel_launch();
+            combine_grad::combine_grad_kernel::launch::<R>(
+                &client,
+                row_count(rows),
+                CubeDim::new_1d(combine_grad::GRAD_BLOCK as u32),
+                n,
+                grad.clone().into_array_arg(),
+                y.as_ref().unwrap_or(&grad).clone().into_array_arg(),
+                weights.clone().into_array_arg(),
+                positions.clone().into_array_arg(),
+                grad_y.as_ref().unwrap_or(&grad).clone().into_array_arg(),
+                grad_w.as_ref().unwrap_or(&weights).clone().into_array_arg(),
+                rows,
+                hidden / n,
+                top_k,
+                combine_grad::GRAD_BLOCK,
+                grad_y.is_some(),
+                grad_w.is_some(),
+                [
+                    grad.dtype.into(),
+                    weights.dtype.into(),
+                    positions.dtype.into(),
+                ],
+            );
+        }
+        if let Some(out) = &grad_y {
+            zero_pads::<R>(out, pads, hidden / n, n);
+        }
+        (grad_y, grad_w)
     }
 
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {

@@ -8,7 +8,7 @@ use ep_core::padding::sp_padded_tokens;
 use ep_core::{validate, EpConfig, EpError, EpResult};
 use ep_mesh::{open_call, Control, LocalComm};
 
-use crate::backend::{float, zeros_tensor, ExpertParallelBackend, RoutePlan};
+use crate::backend::{float, int, zeros_tensor, DispatchLayout, ExpertParallelBackend, RoutePlan};
 use crate::exchange::{ExchangeOp, ExchangeTag, RowExchange, SharedExchange};
 use crate::routing::Routing;
 
@@ -21,6 +21,26 @@ pub struct Dispatched<B: ExpertParallelBackend> {
     /// Rows per local expert, before padding.
     pub expert_counts: Vec<usize>,
     /// The handle that cached dispatch and combine replay.
+    pub routing: Routing<B>,
+}
+
+/// What a rank-major dispatch returns ([`EpGroup::dispatch_rank_major`]): every
+/// token that came to this rank once, with what its experts need to run on it.
+#[derive(Debug, Clone)]
+pub struct RankMajorDispatched<B: ExpertParallelBackend> {
+    /// `[R, hidden]`: the received tokens in source-rank order, each source's in its
+    /// token order.
+    pub rows: Tensor<B, 2>,
+    /// `[R, K]`: each received token's top-k slots as this rank's local expert ids
+    /// (`0..experts per rank`), `-1` where the slot is another rank's expert or none.
+    pub expert_ids: Tensor<B, 2, Int>,
+    /// `[R, K]`: each received token's top-k weights, all `K` as the token sent them
+    /// (on autodiff backends, differentiable in `topk_weights`). The slots whose id
+    /// is `-1` belong to other ranks.
+    pub weights: Tensor<B, 2>,
+    /// Slots naming each local expert (the rows a grouped expert computation takes).
+    pub expert_counts: Vec<usize>,
+    /// The handle that cached dispatch and combine replay, in this layout.
     pub routing: Routing<B>,
 }
 
@@ -172,6 +192,62 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         topk_idx: Tensor<B, 2, Int>,
         topk_weights: Tensor<B, 2>,
     ) -> EpResult<Dispatched<B>> {
+        let (rows, _, routing) =
+            self.record(x, topk_idx, topk_weights, DispatchLayout::ExpertMajor)?;
+        Ok(Dispatched {
+            rows,
+            expert_counts: routing.expert_counts.clone(),
+            routing,
+        })
+    }
+
+    /// Sends every token once to each rank that holds any of its top-k experts and
+    /// returns them as they arrive, rank-major, with their local expert ids and
+    /// weights, like DeepEP's normal dispatch: no token is copied per expert, and
+    /// the caller groups the rows by expert as its expert computation needs.
+    ///
+    /// Inputs and errors are those of [`Self::dispatch`]. The handle replays in this
+    /// layout: [`Self::dispatch_cached`] returns `[R, H]` rows, and [`Self::combine`]
+    /// takes one row per received token (the caller's weighted sum over this rank's
+    /// experts) and sums each token's rows over the ranks, in rank order.
+    pub fn dispatch_rank_major(
+        &self,
+        x: Tensor<B, 2>,
+        topk_idx: Tensor<B, 2, Int>,
+        topk_weights: Tensor<B, 2>,
+    ) -> EpResult<RankMajorDispatched<B>> {
+        let c = &self.config;
+        let (rows, received, routing) =
+            self.record(x, topk_idx, topk_weights, DispatchLayout::RankMajor)?;
+        let (weights, expert_ids) = received.unwrap_or_else(|| {
+            (
+                zeros_tensor::<B, 2>([0, c.top_k], &self.device, routing.dtype),
+                Tensor::<B, 2, Int>::empty([0, c.top_k], &self.device),
+            )
+        });
+        Ok(RankMajorDispatched {
+            rows,
+            expert_ids,
+            weights,
+            expert_counts: routing.expert_counts.clone(),
+            routing,
+        })
+    }
+
+    /// A recording dispatch in `layout`: the rows, the received weights and local
+    /// expert ids (`None` when nothing came), and the handle.
+    #[allow(clippy::type_complexity)]
+    fn record(
+        &self,
+        x: Tensor<B, 2>,
+        topk_idx: Tensor<B, 2, Int>,
+        topk_weights: Tensor<B, 2>,
+        layout: DispatchLayout,
+    ) -> EpResult<(
+        Tensor<B, 2>,
+        Option<(Tensor<B, 2>, Tensor<B, 2, Int>)>,
+        Routing<B>,
+    )> {
         let c = &self.config;
         let [tokens, _] = x.dims();
         validate::check_shape("x", &[tokens, c.hidden_size], &x.dims())?;
@@ -214,18 +290,24 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         for &count in &expert_counts {
             expert_offsets.push(expert_offsets.last().unwrap() + c.aligned(count));
         }
-        let padded_rows = *expert_offsets.last().unwrap();
         // Alignment padding: the rows after each expert's own, up to the next group.
-        let pads: Vec<u32> = (0..local)
-            .flat_map(|j| expert_offsets[j] + expert_counts[j]..expert_offsets[j + 1])
-            .map(|row| row as u32)
-            .collect();
+        let (padded_rows, pads): (usize, Vec<u32>) = match layout {
+            DispatchLayout::RankMajor => (recv_counts.iter().sum(), Vec::new()),
+            DispatchLayout::ExpertMajor => (
+                *expert_offsets.last().unwrap(),
+                (0..local)
+                    .flat_map(|j| expert_offsets[j] + expert_counts[j]..expert_offsets[j + 1])
+                    .map(|row| row as u32)
+                    .collect(),
+            ),
+        };
 
         let mut plan = RoutePlan {
             handle,
             tokens: padded_tokens,
             send_counts,
             recv_counts,
+            layout,
             padded_rows,
             pads,
             device: self.device.clone(),
@@ -234,7 +316,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         };
         // The payload, the weights and the expert ids move in one exchange; the
         // rows and the weights are differentiable.
-        let (rows, recv_weights) = B::ep_record_route(
+        let (rows, received) = B::ep_record_route(
             x.into_primitive().tensor(),
             topk_weights.into_primitive().tensor(),
             topk_idx.into_primitive(),
@@ -243,7 +325,8 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             &self.exchange,
         )?;
         let rows = float::<B, 2>(rows);
-        let recv_weights = recv_weights.map(float::<B, 2>);
+        let received = received.map(|(w, ids)| (float::<B, 2>(w), int::<B, 2>(ids)));
+        let recv_weights = received.as_ref().map(|(w, _)| w.clone());
         let row_weights = match (&recv_weights, &plan.positions) {
             (Some(w), Some(positions)) => float::<B, 1>(B::ep_expand_weights(
                 w.clone().detach().into_primitive().tensor(),
@@ -251,6 +334,10 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
                 padded_rows,
                 &plan.pads,
             )),
+            // Rank-major rows have no one weight each: the handle holds none.
+            _ if layout == DispatchLayout::RankMajor => {
+                zeros_tensor::<B, 1>([0], &self.device, dtype)
+            }
             _ => zeros_tensor::<B, 1>([padded_rows], &self.device, dtype),
         };
 
@@ -260,21 +347,19 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
             world_size: c.world_size,
             dtype,
             tokens_per_expert,
-            expert_counts: expert_counts.clone(),
+            expert_counts,
             expert_offsets,
             plan,
             recv_weights,
             row_weights,
         };
-        Ok(Dispatched {
-            rows,
-            expert_counts,
-            routing,
-        })
+        Ok((rows, received, routing))
     }
 
     /// Replays `routing` with a new payload `x` (`[T, H]`, the T of the handle): the
-    /// same rows go to the same places, with no layout and no count exchange.
+    /// same rows go to the same places, with no layout and no count exchange. The
+    /// rows come in the handle's layout (expert-major `[padded rows, H]`, or
+    /// rank-major `[R, H]`).
     pub fn dispatch_cached(&self, x: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
         routing.check_payload("x", routing.tokens, x.dims(), x.dtype(), &x.device())?;
@@ -286,15 +371,23 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         )?))
     }
 
-    /// Sends the expert outputs `y` (`[padded rows, H]`, the expert-major layout of
-    /// `routing`) back to their tokens: each rank first sums its local experts'
-    /// outputs weighted by the top-k weights, then each token sums what comes back
-    /// from each rank, in rank order. Returns `[T, H]`.
+    /// Sends the expert outputs `y` back to their tokens; returns `[T, H]`.
+    /// - Expert-major handle: `y` is `[padded rows, H]`; each rank first sums its
+    ///   local experts' outputs weighted by the top-k weights.
+    /// - Rank-major handle: `y` is `[R, H]`, one row per received token, already
+    ///   weighted and summed over this rank's experts by the caller.
+    ///
+    /// Then each token sums what comes back from each rank, in rank order.
     pub fn combine(&self, y: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
-        routing.check_payload("y", routing.padded_rows(), y.dims(), y.dtype(), &y.device())?;
+        let rows = routing.plan.padded_rows;
+        routing.check_payload("y", rows, y.dims(), y.dtype(), &y.device())?;
         let hidden = routing.hidden;
         let dtype = y.dtype();
+        // Rank-major combine does not weigh, but takes the weights all the same: so
+        // their backward runs on every rank, also where the caller's graph left
+        // them out (a rank that received nothing), and the ranks' backward passes
+        // stay paired.
         let weights = routing
             .recv_weights
             .clone()

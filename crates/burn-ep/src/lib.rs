@@ -5,6 +5,8 @@
 //! that hold its top-k experts and returns the rows grouped by local expert, with a
 //! [`Routing`] handle; [`EpGroup::dispatch_cached`] replays a handle with a new
 //! payload; [`EpGroup::combine`] brings the expert outputs back, weighted and summed.
+//! [`EpGroup::dispatch_rank_major`] returns each received token once instead, with
+//! its local expert ids and weights (see [`DispatchLayout`]).
 //!
 //! The steps run on any backend implementing [`ExpertParallelBackend`]: CubeCL
 //! backends (wgpu, CUDA) run the kernels of `ep-kernels`, others a tensor-op fallback.
@@ -22,12 +24,14 @@ mod runner;
 mod transfer;
 pub mod zero_size;
 
-pub use backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RecordRows, RoutePlan};
+pub use backend::{
+    DispatchLayout, ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RecordRows, RoutePlan,
+};
 pub use ep_core::{counters, EpConfig, EpError, EpResult};
 pub use ep_mesh::{
     local_comms, run_local, Control, DeviceExchange, LocalComm, Mesh, DEFAULT_TIMEOUT,
 };
 pub use exchange::{ExchangeOp, ExchangeTag, RowExchange, SharedExchange};
-pub use group::{Dispatched, EpGroup};
+pub use group::{Dispatched, EpGroup, RankMajorDispatched};
 pub use routing::Routing;
 pub use runner::{launch, run_ranks, Transport};

@@ -4,7 +4,7 @@
 use burn::tensor::{DType, Tensor};
 use ep_core::{EpError, EpResult};
 
-use crate::backend::{ExpertParallelBackend, Plan};
+use crate::backend::{DispatchLayout, ExpertParallelBackend, Plan};
 
 /// The layout of one dispatch, for one rank. One group serves many layers, each
 /// with its own handle.
@@ -83,7 +83,14 @@ impl<B: ExpertParallelBackend> Routing<B> {
         &self.tokens_per_expert
     }
 
-    /// The top-k weight of every expert-major row (zero on pad rows).
+    /// The layout the handle's dispatch returned, and its combine takes.
+    pub fn layout(&self) -> DispatchLayout {
+        self.plan.layout
+    }
+
+    /// The top-k weight of every expert-major row (zero on pad rows). Empty for a
+    /// rank-major handle, whose rows have one weight per slot (see
+    /// [`crate::RankMajorDispatched::weights`]).
     pub fn weights(&self) -> Tensor<B, 1> {
         self.row_weights.clone()
     }
