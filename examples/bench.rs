@@ -9,9 +9,11 @@
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
+use burn::module::Param;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_ep::counters::{self, Counts};
+use burn_ep::moe::{MoeConfig, MoeLayer};
 use burn_ep::{
     run_ranks, EpConfig, EpGroup, ExchangeOp, ExchangeTag, ExpertParallelBackend, Transport,
 };
@@ -34,6 +36,8 @@ OPTIONS:
   --dtype D       bf16 | f16 | f32 payload [default: bf16, f32 on ndarray]
   --routing R     uniform | skewed | sentinel (uniform with 10% -1 slots) [default: uniform]
   --alignment A   expert alignment [default: 1]
+  --ffn F         also time burn_ep::moe::MoeLayer (router, dispatch, SwiGLU experts
+                  of inner width F, combine), forward and forward+backward [default: off]
   --warmup N      untimed runs first [default: 3]
   --iters N       timed runs [default: 50]
   --json PATH     also write the results as JSON
@@ -64,6 +68,7 @@ struct Options {
     dtype: Option<String>,
     routing: String,
     alignment: usize,
+    ffn: Option<usize>,
     warmup: usize,
     iters: usize,
     json: Option<String>,
@@ -81,6 +86,7 @@ fn parse() -> Result<Options, String> {
         dtype: None,
         routing: "uniform".into(),
         alignment: 1,
+        ffn: None,
         warmup: 3,
         iters: 50,
         json: None,
@@ -104,6 +110,7 @@ fn parse() -> Result<Options, String> {
             "--dtype" => o.dtype = Some(value),
             "--routing" => o.routing = value,
             "--alignment" => o.alignment = num(&value)?,
+            "--ffn" => o.ffn = Some(num(&value)?),
             "--warmup" => o.warmup = num(&value)?,
             "--iters" => o.iters = num(&value)?,
             "--json" => o.json = Some(value),
@@ -125,6 +132,9 @@ struct Phase {
     floor_bytes: usize,
     /// What one run made on this rank.
     counts: Counts,
+    /// Matrix-product flops of one run on this rank (the MoE layer's experts), for
+    /// TFLOP/s; 0 elsewhere.
+    flops: usize,
 }
 
 impl Phase {
@@ -159,6 +169,7 @@ impl Phase {
                 exchanges: max_counts(|c| c.exchanges),
                 kernel_launches: max_counts(|c| c.kernel_launches),
             },
+            flops: first.flops,
         }
     }
 }
@@ -268,6 +279,25 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 let out = group.combine(dd.rows, &dd.routing).unwrap();
                 let _ = out.backward();
             });
+            // The whole MoE layer, when asked for.
+            let layer_phases = match o.ffn {
+                Some(ffn) => {
+                    let layer = moe_layer::<B>(o, hidden, ffn, group.rank(), &device, dtype);
+                    let forward = timed(&mut || {
+                        layer.forward(x.clone(), &group).unwrap();
+                    });
+                    let backward = timed(&mut || {
+                        let out = layer.forward(x.clone().require_grad(), &group).unwrap();
+                        let _ = out.out.backward();
+                    });
+                    let flops = moe_flops(o, tokens, hidden, ffn);
+                    vec![
+                        ("moe layer forward", forward, flops),
+                        ("moe layer fwd+bwd", backward, 3 * flops),
+                    ]
+                }
+                None => Vec::new(),
+            };
             // The steps of one dispatch, timed alone (each between device
             // synchronisations): where the time of a dispatch goes.
             let plan = d.routing.plan().clone();
@@ -338,8 +368,9 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 bytes,
                 floor_bytes,
                 counts,
+                flops: 0,
             };
-            Ok(vec![
+            Ok([
                 phase("dispatch", dispatch, bytes, dispatch_floor),
                 phase("cached dispatch", cached, bytes, dispatch_floor),
                 phase("combine", combine, bytes, combine_floor),
@@ -376,7 +407,13 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 phase("step: row exchange", exchange_time, bytes, 0),
                 phase("step: expand", expand, 0, 0),
                 phase("step: device sync alone", sync, 0, 0),
-            ])
+            ]
+            .into_iter()
+            .chain(layer_phases.into_iter().map(|(name, timed, flops)| Phase {
+                flops,
+                ..phase(name, timed, 0, 0)
+            }))
+            .collect())
         },
     );
     let ranks: Vec<Vec<Phase>> = results
@@ -442,6 +479,35 @@ fn rates(o: &Options) -> Rates {
 #[cfg(not(feature = "cuda"))]
 fn rates(_o: &Options) -> Rates {
     Rates::default()
+}
+
+/// Rank `rank`'s part of a MoE layer with the bench's shape, its parameters in
+/// `dtype`.
+fn moe_layer<B: ExpertParallelBackend>(
+    o: &Options,
+    hidden: usize,
+    ffn: usize,
+    rank: usize,
+    device: &B::Device,
+    dtype: DType,
+) -> MoeLayer<B> {
+    let mut layer =
+        MoeConfig::new(hidden, ffn, o.experts, o.top_k).init::<B>(rank, o.ranks, 7, device);
+    // Detached after the cast, so each is a leaf again and can be a parameter.
+    let cast3 = |p: &Param<Tensor<B, 3>>| Param::from_tensor(p.val().cast(dtype).detach());
+    layer.experts.w_gate = cast3(&layer.experts.w_gate);
+    layer.experts.w_up = cast3(&layer.experts.w_up);
+    layer.experts.w_down = cast3(&layer.experts.w_down);
+    layer.router.gate = Param::from_tensor(layer.router.gate.val().cast(dtype).detach());
+    layer.router.bias =
+        Param::from_tensor(layer.router.bias.val().cast(dtype).detach()).set_require_grad(false);
+    layer
+}
+
+/// The experts' forward flops on one rank: three `[rows, H] x [H, F]`-sized
+/// products per routed (token, expert) pair, `T K / W` pairs per rank on average.
+fn moe_flops(o: &Options, tokens: usize, hidden: usize, ffn: usize) -> usize {
+    3 * 2 * tokens * o.top_k * hidden * ffn
 }
 
 fn group_barrier<B: ExpertParallelBackend>(group: &EpGroup<B>) {
@@ -552,6 +618,13 @@ fn main() {
                 c.exchanges,
                 c.kernel_launches,
             );
+            if p.flops > 0 {
+                let tflops = p.flops as f64 / (median * 1e-6) / 1e12;
+                println!(
+                    "{:>8}{tflops:.2} TFLOP/s per rank: the expert products' flops over the median",
+                    ""
+                );
+            }
             let json_num = |v: Option<f64>| v.map_or("null".into(), |v| format!("{v:.4}"));
             json.push(format!(
                 "{{\"tokens\":{tokens},\"phase\":\"{}\",\"p10_us\":{p10:.2},\"median_us\":{median:.2},\"p90_us\":{p90:.2},\"bytes\":{},\"gbps\":{gbps:.3},\"ceiling_fraction\":{},\"floor_us\":{},\"host_syncs\":{},\"control_messages\":{},\"exchanges\":{},\"kernel_launches\":{}}}",

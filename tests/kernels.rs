@@ -297,3 +297,53 @@ fn combine_grad_matches_plain_rust(
         Which::Cube => combine_grad_matches::<Cube>(hidden, with_grad_y, with_grad_w),
     }
 }
+
+/// `ep_topk_indices` against a host sort: each row's `k` largest scores, largest
+/// first. On the kernel (Cube) a row of equal scores also checks that of equal
+/// scores the lower column comes first.
+fn topk_matches<B: ExpertParallelBackend>(cols: usize, k: usize, ties: bool) {
+    let device: burn::tensor::Device<B> = Default::default();
+    let rows = 300;
+    let mut rng = SplitMix64::new(cols as u64 * 31 + k as u64);
+    let mut scores: Vec<f32> = (0..rows * cols).map(|_| rng.next_f32()).collect();
+    if ties {
+        scores[..cols].fill(0.5);
+        scores[cols..2 * cols]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(c, v)| *v = (c % 3) as f32);
+    }
+    let got = B::ep_topk_indices(
+        floats::<B>(&scores, [rows, cols], &device)
+            .into_primitive()
+            .tensor(),
+        k,
+    );
+    let got: Vec<i64> = Tensor::<B, 2, burn::tensor::Int>::from_primitive(got)
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap();
+    for t in 0..rows {
+        let row = &scores[t * cols..(t + 1) * cols];
+        let mut order: Vec<usize> = (0..cols).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        let want: Vec<i64> = order[..k].iter().map(|&c| c as i64).collect();
+        assert_eq!(&got[t * k..(t + 1) * k], &want[..], "row {t}");
+    }
+}
+
+#[rstest]
+fn topk_indices_match_a_host_sort(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values((7, 1), (64, 6), (256, 8), (9, 9))] shape: (usize, usize),
+) {
+    if !runs_here(which) {
+        return;
+    }
+    let (cols, k) = shape;
+    match which {
+        Which::NdArray => topk_matches::<NdArray>(cols, k, false),
+        Which::Cube => topk_matches::<Cube>(cols, k, true),
+    }
+}

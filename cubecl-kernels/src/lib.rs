@@ -14,3 +14,4 @@ pub mod pack;
 pub mod reduce;
 pub mod slots;
 pub mod sum;
+pub mod topk;

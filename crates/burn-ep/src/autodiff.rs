@@ -128,6 +128,10 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         Self::from_inner(B::ep_sum(Self::inner(back), slots))
     }
 
+    fn ep_topk_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        B::ep_topk_indices(Self::inner(scores), k)
+    }
+
     fn ep_combine_grad(
         grad: FloatTensor<Self>,
         y: Option<FloatTensor<Self>>,

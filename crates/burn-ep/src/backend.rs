@@ -354,6 +354,18 @@ pub trait ExpertParallelBackend: Backend {
         (grad_y, grad_w)
     }
 
+    /// The columns of each row's `k` largest values of `scores [T, E]`, largest
+    /// first, `[T, k]`: the router's choice. Not differentiable. (This default is
+    /// Burn's `topk_with_indices`, which sorts on the host on CubeCL backends in
+    /// Burn 0.21; CubeCL backends run a kernel, of equal scores the lower column
+    /// first.)
+    fn ep_topk_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        float::<Self, 2>(scores)
+            .topk_with_indices(k, 1)
+            .1
+            .into_primitive()
+    }
+
     /// Sum: the source side of combine. `back [S, H]` holds what each rank sent back,
     /// in the send buffer's layout; every token sums its rows in rank order.
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {

@@ -13,7 +13,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::features::Plane;
 use cubecl::prelude::*;
 use ep_core::{counters, validate, EpConfig, EpError, EpResult};
-use ep_kernels::{combine_grad, expand, layout, pack, reduce, slots, sum};
+use ep_kernels::{combine_grad, expand, layout, pack, reduce, slots, sum, topk};
 
 use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows};
 use crate::cube_exchange::device_exchange;
@@ -392,6 +392,29 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             zero_pads::<R>(out, pads, hidden / n, n);
         }
         (grad_y, grad_w)
+    }
+
+    fn ep_topk_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
+        let scores = into_contiguous(scores);
+        let [rows, cols] = dims2(&scores);
+        let client = scores.client.clone();
+        let int_dtype: DType = I::dtype();
+        let indices = alloc::<R, _>(&client, &scores.device, [rows, k], int_dtype);
+        if rows > 0 {
+            counters::kernel_launch();
+            topk::topk_kernel::launch::<R>(
+                &client,
+                elementwise_count(rows),
+                CubeDim::new_1d(ELEMENT_BLOCK),
+                scores.clone().into_array_arg(),
+                indices.clone().into_array_arg(),
+                rows,
+                cols,
+                k,
+                [scores.dtype.into(), int_dtype.into()],
+            );
+        }
+        indices
     }
 
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {

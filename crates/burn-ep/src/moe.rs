@@ -80,7 +80,10 @@ impl<B: ExpertParallelBackend> Router<B> {
             softmax(logits, 1)
         };
         let biased = scores.clone().detach() + self.bias.val().detach().unsqueeze_dim(0);
-        let (_, topk_idx) = biased.topk_with_indices(self.top_k, 1);
+        let topk_idx = Tensor::<B, 2, Int>::from_primitive(B::ep_topk_indices(
+            biased.into_primitive().tensor(),
+            self.top_k,
+        ));
         let mut topk_weights = scores.clone().gather(1, topk_idx.clone());
         if self.renormalize {
             topk_weights = topk_weights.clone() / (topk_weights.sum_dim(1) + 1e-20);
@@ -137,10 +140,48 @@ impl<B: Backend> GroupedExperts<B> {
     /// Runs each local expert on its group of the expert-major rows (`offsets` as
     /// in [`crate::Routing::expert_offsets`]); pad rows stay zero. Zero rows come
     /// back as they are, still in the autodiff graph.
+    ///
+    /// The experts run as three batched products over a capacity layout (every
+    /// expert's rows padded with zero rows to one count, see [`Capacity`]): one
+    /// launch per projection instead of one per expert. Where that padding would
+    /// more than double the rows (routing very uneven across this rank's experts),
+    /// each expert runs on its own rows instead.
     pub fn forward(&self, rows: Tensor<B, 2>, offsets: &[usize]) -> Tensor<B, 2> {
         if rows.dims()[0] == 0 {
             return rows;
         }
+        match Capacity::of(offsets) {
+            Some(capacity) => self.forward_batched(rows, &capacity),
+            None => self.forward_each(rows, offsets),
+        }
+    }
+
+    /// All experts at once on `[local, capacity, H]`.
+    fn forward_batched(&self, rows: Tensor<B, 2>, capacity: &Capacity) -> Tensor<B, 2> {
+        let [_, hidden] = rows.dims();
+        let (local, c) = (capacity.local, capacity.rows);
+        let device = rows.device();
+        let index = |v: &[i64]| {
+            Tensor::<B, 1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device)
+        };
+        // Rows into their expert's slots; the slots no row fills stay zero.
+        let slots = Tensor::<B, 2>::zeros([local * c, hidden], (&device, rows.dtype()))
+            .select_assign(
+                0,
+                index(&capacity.slot_of_row),
+                rows,
+                burn::tensor::IndexingUpdateOp::Add,
+            )
+            .reshape([local, c, hidden]);
+        let gate = silu(slots.clone().matmul(self.w_gate.val()));
+        let up = slots.matmul(self.w_up.val());
+        let out = (gate * up).matmul(self.w_down.val());
+        out.reshape([local * c, hidden])
+            .select(0, index(&capacity.slot_of_row))
+    }
+
+    /// One chain of products per expert, on its own rows.
+    fn forward_each(&self, rows: Tensor<B, 2>, offsets: &[usize]) -> Tensor<B, 2> {
         let [local, hidden, ffn] = self.w_gate.val().dims();
         let matrix = |w: &Param<Tensor<B, 3>>, j: usize, shape: [usize; 2]| {
             w.val().narrow(0, j, 1).reshape(shape)
@@ -157,6 +198,45 @@ impl<B: Backend> GroupedExperts<B> {
             })
             .collect();
         Tensor::cat(parts, 0)
+    }
+}
+
+/// The capacity layout of one rank's expert-major rows: every local expert gets
+/// `rows` slots, at least its count, so that the experts run as one batched product.
+#[derive(Debug, Clone, PartialEq)]
+struct Capacity {
+    local: usize,
+    /// Slots per expert: the largest group, rounded up to a bucket (an eighth of
+    /// its power of two), so that nearby counts share one shape.
+    rows: usize,
+    /// The slot of every expert-major row: expert `j`'s `i`-th row goes to
+    /// `j * rows + i`.
+    slot_of_row: Vec<i64>,
+}
+
+impl Capacity {
+    /// The layout for groups starting at `offsets` (`local + 1` entries), or `None`
+    /// where the slots would be more than twice the rows.
+    fn of(offsets: &[usize]) -> Option<Self> {
+        let local = offsets.len() - 1;
+        let counts: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        let largest = counts.iter().copied().max().unwrap_or(0);
+        let bucket = (largest.next_power_of_two() / 8).max(1);
+        let rows = largest.div_ceil(bucket) * bucket;
+        let total = offsets[local];
+        if total == 0 || local * rows > 2 * total {
+            return None;
+        }
+        let slot_of_row = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(j, &count)| (0..count).map(move |i| (j * rows + i) as i64))
+            .collect();
+        Some(Self {
+            local,
+            rows,
+            slot_of_row,
+        })
     }
 }
 
@@ -286,5 +366,29 @@ impl<B: Backend> MoeLayer<B> {
             self.experts.w_up.id,
             self.experts.w_down.id,
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Capacity;
+
+    #[test]
+    fn capacity_pads_every_expert_to_the_largest_bucketed() {
+        // Counts 3, 4, 0: capacity 4; rows keep their order.
+        let c = Capacity::of(&[0, 3, 7, 7]).unwrap();
+        assert_eq!((c.local, c.rows), (3, 4));
+        assert_eq!(c.slot_of_row, [0, 1, 2, 4, 5, 6, 7]);
+        // 100 rows: bucket 128 / 8 = 16, so 112 slots each.
+        let c = Capacity::of(&[0, 100, 190]).unwrap();
+        assert_eq!(c.rows, 112);
+        assert_eq!(c.slot_of_row[100], 112);
+    }
+
+    #[test]
+    fn capacity_declines_when_slots_would_double_the_rows() {
+        // Four experts, one with 9 of the 10 rows: 4 x 10 slots.
+        assert_eq!(Capacity::of(&[0, 9, 9, 9, 10]), None);
+        assert_eq!(Capacity::of(&[0, 0, 0]), None);
     }
 }
