@@ -128,6 +128,41 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         Self::from_inner(B::ep_sum(Self::inner(back), slots))
     }
 
+    fn ep_place_rows(
+        rows: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        out_rows: usize,
+        unfilled: &[u32],
+    ) -> FloatTensor<Self> {
+        let out = B::ep_place_rows(rows.primitive.clone(), slots.clone(), out_rows, unfilled);
+        match PlaceRowsBackward
+            .prepare::<C>([rows.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(slots, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn ep_take_rows(
+        source: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        unfilled: &[u32],
+    ) -> FloatTensor<Self> {
+        let out = B::ep_take_rows(source.primitive.clone(), slots.clone(), unfilled);
+        let source_rows = source.shape()[0];
+        let unfilled = unfilled.to_vec();
+        match TakeRowsBackward
+            .prepare::<C>([source.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((slots, source_rows, unfilled), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
     fn ep_topk_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
         B::ep_topk_indices(Self::inner(scores), k)
     }
@@ -597,6 +632,41 @@ impl<B: ExpertParallelBackend> Backward<B, 3> for CombineBackward {
             let grad_w =
                 grad_w.unwrap_or_else(|| zeros::<B>([rows, k], &s.plan.device, weights.dtype()));
             register!(B, grads, parent, grad_w);
+        }
+    }
+}
+
+/// `ep_place_rows`: each row's gradient is taken back from its slot.
+#[derive(Debug)]
+struct PlaceRowsBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 1> for PlaceRowsBackward {
+    type State = IntTensor<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(parent) = parent {
+            register!(B, grads, parent, B::ep_take_rows(grad, ops.state, &[]));
+        }
+    }
+}
+
+/// `ep_take_rows`: each slot's gradient is placed back at its source row; the
+/// source rows no slot names get zero.
+#[derive(Debug)]
+struct TakeRowsBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 1> for TakeRowsBackward {
+    type State = (IntTensor<B>, usize, Vec<u32>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (slots, source_rows, unfilled) = ops.state;
+        if let Some(parent) = parent {
+            let grad = B::ep_place_rows(grad, slots, source_rows, &unfilled);
+            register!(B, grads, parent, grad);
         }
     }
 }

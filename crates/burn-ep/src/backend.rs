@@ -354,6 +354,42 @@ pub trait ExpertParallelBackend: Backend {
         (grad_y, grad_w)
     }
 
+    /// Places row `i` of `rows [N, H]` at row `slots[i]` of a new `[out_rows, H]`;
+    /// the rows no slot names (`unfilled`, listed by the caller) are zero. Slots are
+    /// distinct. Its adjoint is [`Self::ep_take_rows`]. (This default is Burn's
+    /// `select_assign`; CubeCL backends run the expand kernel, since Burn 0.21's
+    /// `select_assign` runs on a handful of cubes.)
+    fn ep_place_rows(
+        rows: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        out_rows: usize,
+        _unfilled: &[u32],
+    ) -> FloatTensor<Self> {
+        let rows = float::<Self, 2>(rows);
+        let [n, hidden] = rows.dims();
+        let index = int::<Self, 2>(slots).reshape([n]);
+        Tensor::<Self, 2>::zeros([out_rows, hidden], (&rows.device(), rows.dtype()))
+            .select_assign(0, index, rows, burn::tensor::IndexingUpdateOp::Add)
+            .into_primitive()
+            .tensor()
+    }
+
+    /// Row `slots[i]` of `source [M, H]` for every `i`: `[N, H]`. The adjoint of
+    /// [`Self::ep_place_rows`]; `unfilled` lists the source rows no slot names (their
+    /// gradient is zero).
+    fn ep_take_rows(
+        source: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        _unfilled: &[u32],
+    ) -> FloatTensor<Self> {
+        let index = int::<Self, 2>(slots);
+        let n = index.dims()[0];
+        float::<Self, 2>(source)
+            .select(0, index.reshape([n]))
+            .into_primitive()
+            .tensor()
+    }
+
     /// The columns of each row's `k` largest values of `scores [T, E]`, largest
     /// first, `[T, k]`: the router's choice. Not differentiable. (This default is
     /// Burn's `topk_with_indices`, which sorts on the host on CubeCL backends in

@@ -394,6 +394,16 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         (grad_y, grad_w)
     }
 
+    fn ep_place_rows(
+        rows: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        out_rows: usize,
+        unfilled: &[u32],
+    ) -> FloatTensor<Self> {
+        // An expand with one slot per row: each row stored once, the rest zeroed.
+        Self::ep_expand(rows, slots, out_rows, unfilled)
+    }
+
     fn ep_topk_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
         let scores = into_contiguous(scores);
         let [rows, cols] = dims2(&scores);

@@ -9,7 +9,7 @@ use burn::config::Config;
 use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::{sigmoid, silu, softmax};
 use burn::tensor::backend::Backend;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use ep_core::synthetic::SplitMix64;
 use ep_core::EpResult;
 
@@ -136,7 +136,7 @@ pub struct GroupedExperts<B: Backend> {
     pub w_down: Param<Tensor<B, 3>>,
 }
 
-impl<B: Backend> GroupedExperts<B> {
+impl<B: ExpertParallelBackend> GroupedExperts<B> {
     /// Runs each local expert on its group of the expert-major rows (`offsets` as
     /// in [`crate::Routing::expert_offsets`]); pad rows stay zero. Zero rows come
     /// back as they are, still in the autodiff graph.
@@ -158,26 +158,31 @@ impl<B: Backend> GroupedExperts<B> {
 
     /// All experts at once on `[local, capacity, H]`.
     fn forward_batched(&self, rows: Tensor<B, 2>, capacity: &Capacity) -> Tensor<B, 2> {
-        let [_, hidden] = rows.dims();
+        let [n, hidden] = rows.dims();
         let (local, c) = (capacity.local, capacity.rows);
         let device = rows.device();
-        let index = |v: &[i64]| {
-            Tensor::<B, 1, Int>::from_data(TensorData::new(v.to_vec(), [v.len()]), &device)
-        };
+        let slots = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(capacity.slot_of_row.clone(), [n, 1]),
+            &device,
+        )
+        .into_primitive();
+        let unfilled = capacity.unfilled();
         // Rows into their expert's slots; the slots no row fills stay zero.
-        let slots = Tensor::<B, 2>::zeros([local * c, hidden], (&device, rows.dtype()))
-            .select_assign(
-                0,
-                index(&capacity.slot_of_row),
-                rows,
-                burn::tensor::IndexingUpdateOp::Add,
-            )
+        let placed = B::ep_place_rows(
+            rows.into_primitive().tensor(),
+            slots.clone(),
+            local * c,
+            &unfilled,
+        );
+        let slots_in = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(placed))
             .reshape([local, c, hidden]);
-        let gate = silu(slots.clone().matmul(self.w_gate.val()));
-        let up = slots.matmul(self.w_up.val());
+        let gate = silu(slots_in.clone().matmul(self.w_gate.val()));
+        let up = slots_in.matmul(self.w_up.val());
         let out = (gate * up).matmul(self.w_down.val());
-        out.reshape([local * c, hidden])
-            .select(0, index(&capacity.slot_of_row))
+        let out = out.reshape([local * c, hidden]).into_primitive().tensor();
+        Tensor::from_primitive(TensorPrimitive::Float(B::ep_take_rows(
+            out, slots, &unfilled,
+        )))
     }
 
     /// One chain of products per expert, on its own rows.
@@ -215,6 +220,17 @@ struct Capacity {
 }
 
 impl Capacity {
+    /// The slots no row fills.
+    fn unfilled(&self) -> Vec<u32> {
+        let mut filled = vec![false; self.local * self.rows];
+        for &slot in &self.slot_of_row {
+            filled[slot as usize] = true;
+        }
+        (0..filled.len() as u32)
+            .filter(|&s| !filled[s as usize])
+            .collect()
+    }
+
     /// The layout for groups starting at `offsets` (`local + 1` entries), or `None`
     /// where the slots would be more than twice the rows.
     fn of(offsets: &[usize]) -> Option<Self> {
