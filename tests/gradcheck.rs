@@ -258,6 +258,19 @@ fn assert_grads_match(ep: &[RankGrads], dense: &[RankGrads], tolerance: f32) {
 type AdNdArray = Autodiff<NdArray>;
 type AdCube = Autodiff<Cube>;
 
+/// [`ep_gradients`] on the backend `which` names, on its default device.
+fn ep_gradients_on(
+    which: Which,
+    config: &EpConfig,
+    layers: &[Layer],
+    layout: DispatchLayout,
+) -> Vec<RankGrads> {
+    match which {
+        Which::NdArray => ep_gradients::<AdNdArray>(Default::default(), config, layers, layout),
+        Which::Cube => ep_gradients::<AdCube>(Default::default(), config, layers, layout),
+    }
+}
+
 fn parity(which: Which, layout: DispatchLayout, config: &EpConfig, layers: &[Layer]) {
     if !runs_here(which) {
         return;
@@ -338,32 +351,9 @@ fn gradcheck_finite_differences(
         SentinelPattern::RandomTenth,
         9,
     );
-    let grads = match which {
-        Which::NdArray => ep_gradients::<AdNdArray>(
-            Default::default(),
-            &config,
-            std::slice::from_ref(&base),
-            layout,
-        ),
-        Which::Cube => ep_gradients::<AdCube>(
-            Default::default(),
-            &config,
-            std::slice::from_ref(&base),
-            layout,
-        ),
-    };
+    let grads = ep_gradients_on(which, &config, std::slice::from_ref(&base), layout);
     let total = |l: &Layer| -> f32 {
-        let g = match which {
-            Which::NdArray => ep_gradients::<AdNdArray>(
-                Default::default(),
-                &config,
-                std::slice::from_ref(l),
-                layout,
-            ),
-            Which::Cube => {
-                ep_gradients::<AdCube>(Default::default(), &config, std::slice::from_ref(l), layout)
-            }
-        };
+        let g = ep_gradients_on(which, &config, std::slice::from_ref(l), layout);
         g.iter().map(|r| r.loss).sum()
     };
     let step = 0.5f32;
@@ -432,20 +422,7 @@ fn gradcheck_sentinels_and_empty_ranks(
         b.topk_idx[0] = -1;
         b.topk_idx[1] = -1; // token 0: only sentinels
     }
-    let grads = match which {
-        Which::NdArray => ep_gradients::<AdNdArray>(
-            Default::default(),
-            &config,
-            std::slice::from_ref(&l),
-            layout,
-        ),
-        Which::Cube => ep_gradients::<AdCube>(
-            Default::default(),
-            &config,
-            std::slice::from_ref(&l),
-            layout,
-        ),
-    };
+    let grads = ep_gradients_on(which, &config, std::slice::from_ref(&l), layout);
     for g in &grads {
         assert!(
             g.x[..4].iter().all(|&v| v == 0.0),

@@ -31,10 +31,7 @@ fn reference_round_trip(config: &EpConfig, batches: &[RankBatch]) -> Vec<Vec<f32
         .iter()
         .enumerate()
         .map(|(rank, e)| {
-            let mut offsets = vec![0];
-            for &c in &e.routing.expert_counts {
-                offsets.push(offsets.last().unwrap() + config.aligned(c));
-            }
+            let offsets = config.expert_offsets(&e.routing.expert_counts);
             apply_experts_host(&e.rows, &offsets, rank * local, config.hidden_size)
         })
         .collect();

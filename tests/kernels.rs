@@ -319,11 +319,7 @@ fn topk_matches<B: ExpertParallelBackend>(cols: usize, k: usize, ties: bool) {
             .tensor(),
         k,
     );
-    let got: Vec<i64> = Tensor::<B, 2, burn::tensor::Int>::from_primitive(got)
-        .into_data()
-        .convert::<i64>()
-        .to_vec()
-        .unwrap();
+    let got = host_ints(Tensor::<B, 2, burn::tensor::Int>::from_primitive(got));
     for t in 0..rows {
         let row = &scores[t * cols..(t + 1) * cols];
         let mut order: Vec<usize> = (0..cols).collect();

@@ -89,7 +89,14 @@ fn check_rank_major<B: ExpertParallelBackend>(config: EpConfig, pattern: Routing
     let outputs: Vec<Vec<f32>> = expected
         .iter()
         .enumerate()
-        .map(|(rank, e)| apply_experts_host(&e.rows, &offsets_of(&config, e), rank * local, h))
+        .map(|(rank, e)| {
+            apply_experts_host(
+                &e.rows,
+                &config.expert_offsets(&e.routing.expert_counts),
+                rank * local,
+                h,
+            )
+        })
         .collect();
     let combined = reference::combine(&config, &batches, &routings, &outputs);
     for (rank, (o, e)) in outcomes.iter().zip(&expected).enumerate() {
@@ -127,22 +134,6 @@ fn rank_major_experts<B: ExpertParallelBackend>(
     let local_slot = ids.clone().greater_equal_elem(0).float();
     let row_scale = (scales * weights.clone() * local_slot).sum_dim(1);
     rows.clone() * row_scale
-}
-
-/// The reference's expert group starts (its rows are grouped and padded the same way).
-fn offsets_of(config: &EpConfig, e: &reference::ReferenceDispatch) -> Vec<usize> {
-    let mut offsets = vec![0];
-    for &count in &e.routing.expert_counts {
-        offsets.push(offsets.last().unwrap() + config.aligned(count));
-    }
-    offsets
-}
-
-fn host_ints<B: ExpertParallelBackend>(t: Tensor<B, 2, Int>) -> Vec<i64> {
-    if t.dims()[0] == 0 {
-        return Vec::new();
-    }
-    t.into_data().convert::<i64>().to_vec().unwrap()
 }
 
 #[rstest]

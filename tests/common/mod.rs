@@ -121,6 +121,16 @@ pub fn host<B: burn::tensor::backend::Backend, const D: usize>(t: Tensor<B, D>) 
     t.into_data().convert::<f32>().to_vec().unwrap()
 }
 
+/// An int tensor's values on the host (nothing is read from a zero-size tensor).
+pub fn host_ints<B: burn::tensor::backend::Backend, const D: usize>(
+    t: Tensor<B, D, Int>,
+) -> Vec<i64> {
+    if t.shape().num_elements() == 0 {
+        return Vec::new();
+    }
+    t.into_data().convert::<i64>().to_vec().unwrap()
+}
+
 /// The batch's inputs as tensors: `(x, topk_idx, topk_weights)`.
 pub fn inputs<B: ExpertParallelBackend>(
     batch: &RankBatch,

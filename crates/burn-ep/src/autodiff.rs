@@ -140,7 +140,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
             .compute_bound()
             .stateful()
         {
-            OpsKind::Tracked(prep) => prep.finish(slots, out),
+            OpsKind::Tracked(prep) => prep.finish((slots, unfilled.to_vec()), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         }
     }
@@ -374,8 +374,8 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
     }
 }
 
-/// `out`, the expert-major rows dispatched from `x` along `plan`, as a tracked
-/// operation whose backward is an unweighted combine of the gradient.
+/// `out`, the rows dispatched from `x` along `plan`, as a tracked operation whose
+/// backward is an unweighted combine of the gradient.
 fn track_dispatch_rows<B: ExpertParallelBackend, C: CheckpointStrategy>(
     x: &FloatTensor<Autodiff<B, C>>,
     out: FloatTensor<B>,
@@ -517,26 +517,6 @@ fn backward_failed<B: ExpertParallelBackend>(what: &str, s: &RouteState<B>, erro
     )
 }
 
-/// The gradient of received rows `[R, cols]` sent back to their tokens, `[T, cols]`
-/// (the adjoint of a route). Every rank takes part, one that received nothing too.
-fn return_gradient<B: ExpertParallelBackend>(
-    grad: FloatTensor<B>,
-    s: &RouteState<B>,
-    op: ExchangeOp,
-    what: &str,
-) -> FloatTensor<B> {
-    let received = s.plan.received_rows() > 0;
-    B::ep_return_rows(
-        received.then_some(grad),
-        s.cols,
-        s.dtype,
-        &s.plan,
-        &s.exchange,
-        op,
-    )
-    .unwrap_or_else(|e| backward_failed(what, s, e))
-}
-
 /// dispatch (x → rows): the gradient is an unweighted combine (expert-major), or
 /// returns as it is (rank-major).
 #[derive(Debug)]
@@ -549,14 +529,8 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchRowsBackward {
         let [parent, _anchor] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        if s.plan.rank_major() {
-            // Each received row is one token: its gradient returns as it is.
-            let grad_x = return_gradient(grad, &s, ExchangeOp::RowsGrad, "dispatch");
-            if let Some(parent) = parent {
-                register!(B, grads, parent, grad_x);
-            }
-            return;
-        }
+        // Rank-major plans have no positions, so no weights: the combine returns
+        // each received row's gradient as it is.
         let unit = s.plan.positions.as_ref().map(|positions| {
             let positions = Tensor::<B, 2, Int>::from_primitive(positions.clone());
             Tensor::<B, 2>::ones(positions.dims(), (&s.plan.device, s.dtype))
@@ -582,7 +556,16 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for DispatchWeightsBackward {
         let [parent, _anchor] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
         let s = ops.state;
-        let grad_w = return_gradient(grad, &s, ExchangeOp::WeightsGrad, "the weights' dispatch");
+        let received = s.plan.received_rows() > 0;
+        let grad_w = B::ep_return_rows(
+            received.then_some(grad),
+            s.cols,
+            s.dtype,
+            &s.plan,
+            &s.exchange,
+            ExchangeOp::WeightsGrad,
+        )
+        .unwrap_or_else(|e| backward_failed("the weights' dispatch", &s, e));
         if let Some(parent) = parent {
             register!(B, grads, parent, grad_w);
         }
@@ -641,13 +624,14 @@ impl<B: ExpertParallelBackend> Backward<B, 3> for CombineBackward {
 struct PlaceRowsBackward;
 
 impl<B: ExpertParallelBackend> Backward<B, 1> for PlaceRowsBackward {
-    type State = IntTensor<B>;
+    type State = (IntTensor<B>, Vec<u32>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
         let [parent] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
+        let (slots, unfilled) = ops.state;
         if let Some(parent) = parent {
-            register!(B, grads, parent, B::ep_take_rows(grad, ops.state, &[]));
+            register!(B, grads, parent, B::ep_take_rows(grad, slots, &unfilled));
         }
     }
 }

@@ -286,10 +286,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         let expert_counts: Vec<usize> = (0..local)
             .map(|j| received.iter().map(|m| m[1 + j] as usize).sum())
             .collect();
-        let mut expert_offsets = vec![0];
-        for &count in &expert_counts {
-            expert_offsets.push(expert_offsets.last().unwrap() + c.aligned(count));
-        }
+        let expert_offsets = c.expert_offsets(&expert_counts);
         // Alignment padding: the rows after each expert's own, up to the next group.
         let (padded_rows, pads): (usize, Vec<u32>) = match layout {
             DispatchLayout::RankMajor => (recv_counts.iter().sum(), Vec::new()),

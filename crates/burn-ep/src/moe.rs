@@ -166,13 +166,13 @@ impl<B: ExpertParallelBackend> GroupedExperts<B> {
             &device,
         )
         .into_primitive();
-        let unfilled = capacity.unfilled();
+        let unfilled = &capacity.unfilled;
         // Rows into their expert's slots; the slots no row fills stay zero.
         let placed = B::ep_place_rows(
             rows.into_primitive().tensor(),
             slots.clone(),
             local * c,
-            &unfilled,
+            unfilled,
         );
         let slots_in = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(placed))
             .reshape([local, c, hidden]);
@@ -181,7 +181,7 @@ impl<B: ExpertParallelBackend> GroupedExperts<B> {
         let out = (gate * up).matmul(self.w_down.val());
         let out = out.reshape([local * c, hidden]).into_primitive().tensor();
         Tensor::from_primitive(TensorPrimitive::Float(B::ep_take_rows(
-            out, slots, &unfilled,
+            out, slots, unfilled,
         )))
     }
 
@@ -217,20 +217,11 @@ struct Capacity {
     /// The slot of every expert-major row: expert `j`'s `i`-th row goes to
     /// `j * rows + i`.
     slot_of_row: Vec<i64>,
+    /// The slots no row fills: each expert's after its count.
+    unfilled: Vec<u32>,
 }
 
 impl Capacity {
-    /// The slots no row fills.
-    fn unfilled(&self) -> Vec<u32> {
-        let mut filled = vec![false; self.local * self.rows];
-        for &slot in &self.slot_of_row {
-            filled[slot as usize] = true;
-        }
-        (0..filled.len() as u32)
-            .filter(|&s| !filled[s as usize])
-            .collect()
-    }
-
     /// The layout for groups starting at `offsets` (`local + 1` entries), or `None`
     /// where the slots would be more than twice the rows.
     fn of(offsets: &[usize]) -> Option<Self> {
@@ -248,10 +239,16 @@ impl Capacity {
             .enumerate()
             .flat_map(|(j, &count)| (0..count).map(move |i| (j * rows + i) as i64))
             .collect();
+        let unfilled = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(j, &count)| (j * rows + count..(j + 1) * rows).map(|s| s as u32))
+            .collect();
         Some(Self {
             local,
             rows,
             slot_of_row,
+            unfilled,
         })
     }
 }
@@ -395,6 +392,7 @@ mod tests {
         let c = Capacity::of(&[0, 3, 7, 7]).unwrap();
         assert_eq!((c.local, c.rows), (3, 4));
         assert_eq!(c.slot_of_row, [0, 1, 2, 4, 5, 6, 7]);
+        assert_eq!(c.unfilled, [3, 8, 9, 10, 11]);
         // 100 rows: bucket 128 / 8 = 16, so 112 slots each.
         let c = Capacity::of(&[0, 100, 190]).unwrap();
         assert_eq!(c.rows, 112);

@@ -112,4 +112,15 @@ impl EpConfig {
     pub fn aligned(&self, count: usize) -> usize {
         count.div_ceil(self.expert_alignment) * self.expert_alignment
     }
+
+    /// Where each local expert's group starts in the expert-major rows, and where
+    /// the last ends (`counts.len() + 1` entries): groups of `counts` rows, each
+    /// padded to the expert alignment.
+    pub fn expert_offsets(&self, counts: &[usize]) -> Vec<usize> {
+        let mut offsets = vec![0];
+        for &count in counts {
+            offsets.push(offsets.last().unwrap() + self.aligned(count));
+        }
+        offsets
+    }
 }
