@@ -37,6 +37,118 @@ mod on_cuda {
         );
     }
 
+    /// What one rank saw of one layer: expert-major rows, combine output, replay.
+    type LayerOutcome = (Vec<f32>, Vec<f32>, Vec<f32>);
+
+    /// Three layers' recording dispatches, then their replays in reverse order,
+    /// then their combines, queued back to back on every rank with nothing read
+    /// until the end: only the device orders the copies against the kernels, with
+    /// the transport's events reused call after call and CubeCL's pool recycling
+    /// the buffers. A recording dispatch waits on the host once, for its counts
+    /// (not at all on a rank without tokens); a replay and a combine never do.
+    #[rstest]
+    fn calls_queue_on_the_device_without_host_waits(
+        #[values(2, 4)] world: usize,
+        #[values(RoutingPattern::Uniform, RoutingPattern::NoTokensOnLastRank)]
+        pattern: RoutingPattern,
+    ) {
+        use ep_core::counters;
+        use ep_core::reference;
+        let config = EpConfig::new(world, 4 * world, 3, 40);
+        let (k, h, local) = (config.top_k, config.hidden_size, config.experts_per_rank());
+        let sentinels = SentinelPattern::RandomTenth;
+        let layers: Vec<_> = [29, 64, 7]
+            .into_iter()
+            .enumerate()
+            .map(|(l, tokens)| {
+                let batches = synthetic_batches(&config, tokens, pattern, sentinels, 20 + l as u64);
+                let fresh = fresh_payload(&config, &batches, tokens, pattern, sentinels);
+                (batches, fresh)
+            })
+            .collect();
+        let device = Default::default();
+
+        let outcomes: Vec<Vec<LayerOutcome>> =
+            run_group_on::<Cube, _, _>(Transport::CudaPeer, &config, &device, |group| {
+                let rank = group.rank();
+                let syncs_of = |call: &mut dyn FnMut()| {
+                    let before = counters::snapshot();
+                    call();
+                    (counters::snapshot() - before).host_syncs
+                };
+                let mut dispatched = Vec::new();
+                for (batches, _) in &layers {
+                    let (x, idx, w) = inputs::<Cube>(&batches[rank], k, &device);
+                    let mut d = None;
+                    let syncs = syncs_of(&mut || {
+                        d = Some(group.dispatch(x.clone(), idx.clone(), w.clone()))
+                    });
+                    // One read of the counts; none on a rank that sends nothing.
+                    let expected = u64::from(batches[rank].tokens > 0);
+                    assert_eq!(
+                        syncs, expected,
+                        "rank {rank}: host waits of a recording dispatch"
+                    );
+                    dispatched.push(d.unwrap()?);
+                }
+                let mut replays = vec![None; layers.len()];
+                for (l, (_, fresh)) in layers.iter().enumerate().rev() {
+                    let x = floats::<Cube>(&fresh[rank].x, [fresh[rank].tokens, h], &device);
+                    let routing = &dispatched[l].routing;
+                    let mut r = None;
+                    let syncs =
+                        syncs_of(&mut || r = Some(group.dispatch_cached(x.clone(), routing)));
+                    assert_eq!(syncs, 0, "rank {rank}: host waits of a replay");
+                    replays[l] = Some(r.unwrap()?);
+                }
+                let mut combines = Vec::new();
+                for d in &dispatched {
+                    let offsets = d.routing.expert_offsets().to_vec();
+                    let y = apply_experts(d.rows.clone(), &offsets, rank * local);
+                    let mut c = None;
+                    let syncs = syncs_of(&mut || c = Some(group.combine(y.clone(), &d.routing)));
+                    assert_eq!(syncs, 0, "rank {rank}: host waits of a combine");
+                    combines.push(c.unwrap()?);
+                }
+                Ok(dispatched
+                    .into_iter()
+                    .zip(combines)
+                    .zip(replays)
+                    .map(|((d, c), r)| (host(d.rows), host(c), host(r.unwrap())))
+                    .collect())
+            })
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+
+        for (l, (batches, fresh)) in layers.iter().enumerate() {
+            let expected = reference::dispatch(&config, batches).unwrap();
+            let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();
+            let outputs: Vec<Vec<f32>> = expected
+                .iter()
+                .enumerate()
+                .map(|(rank, e)| {
+                    let offsets = config.expert_offsets(&e.routing.expert_counts);
+                    apply_experts_host(&e.rows, &offsets, rank * local, h)
+                })
+                .collect();
+            let combined = reference::combine(&config, batches, &routings, &outputs);
+            let xs: Vec<&[f32]> = fresh.iter().map(|b| b.x.as_slice()).collect();
+            let replayed = reference::dispatch_cached(&routings, &xs, h);
+            for (rank, outcome) in outcomes.iter().enumerate() {
+                let (rows, combine, replay) = &outcome[l];
+                assert_eq!(rows, &expected[rank].rows, "layer {l} rank {rank}: rows");
+                assert_combine_eq(
+                    combine,
+                    &combined[rank],
+                    expert_scale(config.num_experts - 1),
+                    &format!("layer {l} rank {rank}: combine"),
+                );
+                assert_eq!(replay, &replayed[rank], "layer {l} rank {rank}: replay");
+            }
+        }
+    }
+
     /// The tensor-op fallback has no device path: the cuda-peer transport moves its
     /// rows as host data through the control channel, with the same results.
     #[test]

@@ -320,13 +320,15 @@ impl SharedExchange {
     }
 
     /// The checked device path (see [`DeviceExchange::all_to_all_v`]): the
-    /// transport checks the pairing, in its first message where it has one.
+    /// transport checks the pairing, in its first message where it has one, and
+    /// orders the exchange on `stream`.
     pub fn device_all_to_all(
         &self,
         tag: ExchangeTag,
         planes: &[Plane],
         send_counts: &[usize],
         recv_counts: &[usize],
+        stream: u64,
     ) -> EpResult<()> {
         let transport = self.0.rows.device().ok_or_else(|| {
             EpError::Transport("this transport has no device path for rows".into())
@@ -334,7 +336,7 @@ impl SharedExchange {
         self.check_healthy()?;
         let pairing = self.pairing(tag, send_counts, recv_counts);
         counters::exchange();
-        transport.all_to_all_v(planes, send_counts, recv_counts, &pairing)
+        transport.all_to_all_v(planes, send_counts, recv_counts, &pairing, stream)
     }
 }
 

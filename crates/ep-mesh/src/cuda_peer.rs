@@ -3,24 +3,34 @@
 //! buffer with the copy engines (`cuMemcpyPeerAsync`; a device-to-device copy when
 //! both ranks share a GPU).
 //!
-//! Control messages (receive addresses, the completion barrier) travel through the
+//! Control messages (receive addresses, the closing barrier) travel through the
 //! in-process mailbox of the `local` transport: the counts are already on the host
 //! after the layout, so a host message is cheaper than a device copy plus a
 //! synchronisation, and it carries the same failure and timeout semantics.
 //!
-//! The push protocol of one all-to-all-v:
-//! 1. every rank tells each source where in its receive buffers (one per plane)
+//! The push protocol of one all-to-all-v, ordered on the device: the host never
+//! waits for the GPU.
+//! 1. every rank records its *ready* event on the caller's stream: past it, its
+//!    send buffers are written and its receive buffers free;
+//! 2. every rank tells each source where in its receive buffers (one per plane)
 //!    that source's rows go, together with the words of the pairing check, so one
 //!    message both checks the call and places the rows;
-//! 2. every rank starts its copies, one stream per destination, so copies to
-//!    different peers are in flight at once; the local segment is a copy on the
-//!    device, never crossing a link;
-//! 3. every rank waits for its own copies (one host wait: the first stream waits on
-//!    the others' events), then meets the others at a barrier: after it, every
-//!    receive buffer is complete and no send buffer is still being read.
+//! 3. every rank queues its copies, one stream per destination, so copies to
+//!    different peers are in flight at once. Each destination's stream first waits
+//!    for the sender's and the receiver's ready events, and records a *copied*
+//!    event after its copies. The local segment is a copy on the device, never
+//!    crossing a link;
+//! 4. every rank meets the others at a barrier that carries each rank's status;
+//!    after it, every copied event of the call is recorded;
+//! 5. the caller's stream waits for the copies into this rank's buffers and for
+//!    the copies out of them: work queued after the call sees the rows, and no
+//!    buffer is released under a running copy.
 //!
-//! The caller guarantees that the send buffer is written and the receive buffer
-//! allocated (its stream synchronised) before the call.
+//! The events are reused from call to call without a race: a rank records its
+//! ready event for call N+1 only after the barrier of call N, by which time every
+//! peer has queued its waits on it, and a copied event is recorded again only
+//! after the opening message of call N+1, which its receiver sends after queuing
+//! its waits of call N.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,9 +59,82 @@ pub struct CudaPeerComm {
     contexts: Arc<Vec<Option<Raw<sys::CUcontext>>>>,
     /// One stream per destination rank, on this rank's device.
     streams: Vec<Raw<sys::CUstream>>,
-    /// One event per stream: the first stream waits on the others' copies, so the
-    /// host waits once.
-    events: Vec<Raw<sys::CUevent>>,
+    /// The events of every rank, shared by the ranks of the transport.
+    events: Arc<CallEvents>,
+}
+
+/// The events that order a call's copies on the device (see the module's
+/// protocol): `ready[r]` is recorded on rank `r`'s stream, `copied[s][d]` on rank
+/// `s`'s stream of copies to rank `d`; each is made on its rank's device.
+struct CallEvents {
+    ready: Vec<Raw<sys::CUevent>>,
+    copied: Vec<Vec<Raw<sys::CUevent>>>,
+}
+
+impl CallEvents {
+    /// The events of ranks driving `devices` (one entry per rank).
+    fn new(devices: &[usize], contexts: &[Option<Raw<sys::CUcontext>>]) -> EpResult<Self> {
+        let world = devices.len();
+        let mut events = CallEvents {
+            ready: Vec::with_capacity(world),
+            copied: Vec::with_capacity(world),
+        };
+        // One event at a time into `events`, so that a failure part way drops (and
+        // destroys) the ones already made.
+        for &ordinal in devices {
+            set_current(contexts, ordinal)?;
+            events.ready.push(new_event()?);
+            events.copied.push(Vec::with_capacity(world));
+            for _ in 0..world {
+                let event = new_event()?;
+                events.copied.last_mut().expect("pushed above").push(event);
+            }
+        }
+        Ok(events)
+    }
+}
+
+impl Drop for CallEvents {
+    fn drop(&mut self) {
+        for event in self.ready.iter().chain(self.copied.iter().flatten()) {
+            let _ = unsafe { result::event::destroy(event.0) };
+        }
+    }
+}
+
+fn new_event() -> EpResult<Raw<sys::CUevent>> {
+    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+        .map(Raw)
+        .map_err(|e| driver("cuEventCreate", e))
+}
+
+/// Makes `waiter` wait, on the device, for the work queued on `stream` so far.
+pub(crate) fn stream_waits_for(waiter: sys::CUstream, stream: sys::CUstream) -> EpResult<()> {
+    let event = new_event()?;
+    let ordered = record_then_wait(event.0, stream, waiter);
+    // Destroying an event does not cancel a wait already queued on it.
+    let _ = unsafe { result::event::destroy(event.0) };
+    ordered
+}
+
+fn record_then_wait(
+    event: sys::CUevent,
+    stream: sys::CUstream,
+    waiter: sys::CUstream,
+) -> EpResult<()> {
+    unsafe { result::event::record(event, stream) }.map_err(|e| driver("cuEventRecord", e))?;
+    wait_on(waiter, event)
+}
+
+fn wait_on(stream: sys::CUstream, event: sys::CUevent) -> EpResult<()> {
+    unsafe {
+        result::stream::wait_event(
+            stream,
+            event,
+            sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+        )
+    }
+    .map_err(|e| driver("cuStreamWaitEvent", e))
 }
 
 /// A failed driver call, named.
@@ -122,6 +205,7 @@ pub fn cuda_peer_comms_on(devices: Vec<usize>, timeout: Duration) -> EpResult<Ve
     enable_peer_access(&contexts, &used)?;
 
     let world_size = devices.len();
+    let events = Arc::new(CallEvents::new(&devices, &contexts)?);
     let rank_devices = Arc::new(devices);
     let contexts = Arc::new(contexts);
     local_comms(world_size, timeout)
@@ -136,19 +220,12 @@ pub fn cuda_peer_comms_on(devices: Vec<usize>, timeout: Duration) -> EpResult<Ve
                         .map_err(|e| driver("cuStreamCreate", e))
                 })
                 .collect::<EpResult<_>>()?;
-            let events = (0..world_size)
-                .map(|_| {
-                    result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-                        .map(Raw)
-                        .map_err(|e| driver("cuEventCreate", e))
-                })
-                .collect::<EpResult<_>>()?;
             Ok(CudaPeerComm {
                 control: Arc::new(control),
                 devices: rank_devices.clone(),
                 contexts: contexts.clone(),
                 streams,
-                events,
+                events: events.clone(),
             })
         })
         .collect()
@@ -258,39 +335,14 @@ impl CudaPeerComm {
         }
     }
 
-    /// Waits for every copy this rank started: the first stream waits on the
-    /// others' events, and the host on the first stream. Should an event call
-    /// fail, the host waits on every stream instead: no buffer may be released
-    /// under a running copy.
-    fn wait_copies(&self) -> EpResult<()> {
-        let first = self.streams[0].0;
-        let chained =
-            self.streams
-                .iter()
-                .zip(&self.events)
-                .skip(1)
-                .try_for_each(|(stream, event)| unsafe {
-                    result::event::record(event.0, stream.0)
-                        .map_err(|e| driver("cuEventRecord", e))?;
-                    result::stream::wait_event(
-                        first,
-                        event.0,
-                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-                    )
-                    .map_err(|e| driver("cuStreamWaitEvent", e))
-                });
-        let waited: &[Raw<sys::CUstream>] = match chained {
-            Ok(()) => &self.streams[..1],
-            Err(_) => &self.streams,
-        };
-        let mut finished = chained;
-        for stream in waited {
+    /// Waits on the host for every copy this rank queued: the way out after a
+    /// failed call, where the events may not all have been recorded and no buffer
+    /// may be released under a running copy.
+    fn drain_copies(&self) {
+        for stream in &self.streams {
             counters::host_sync();
-            let synced = unsafe { result::stream::synchronize(stream.0) }
-                .map_err(|e| driver("cuStreamSynchronize", e));
-            finished = finished.and(synced);
+            let _ = unsafe { result::stream::synchronize(stream.0) };
         }
-        finished
     }
 }
 
@@ -299,14 +351,22 @@ impl CudaPeerComm {
     /// from each: `send[d]` is what goes to rank `d`, `recv[s]` where rank `s`'s
     /// bytes land (a zero length needs no valid address). With `pairing`, the
     /// landing message carries its words and each peer's are checked before any
-    /// copy starts.
+    /// copy is queued. The copies are ordered on the device after the work queued
+    /// on `stream`, and work queued on `stream` after the call is ordered after
+    /// them (see the module's protocol).
     pub(crate) fn exchange_spans(
         &self,
         send: &[Vec<Span>],
         recv: &[Vec<Span>],
         pairing: Option<&dyn Pairing>,
+        stream: u64,
     ) -> EpResult<()> {
         let (me, world) = (self.rank(), self.world_size());
+        let stream = stream as sys::CUstream;
+        let events = &self.events;
+        set_current(&self.contexts, self.device())?;
+        unsafe { result::event::record(events.ready[me].0, stream) }
+            .map_err(|e| driver("cuEventRecord", e))?;
         // What each source is told: where in each plane its bytes land, and how many.
         let landings: Vec<Vec<u64>> = recv
             .iter()
@@ -325,9 +385,17 @@ impl CudaPeerComm {
             }
         }?;
 
-        set_current(&self.contexts, self.device())?;
-        let started = (|| {
+        let bytes_of = |spans: &Vec<Span>| spans.iter().map(|&(_, bytes)| bytes).sum::<usize>();
+        let queued = (|| {
             for (dest, (landing, spans)) in landings.iter().zip(send).enumerate() {
+                if bytes_of(spans) == 0 {
+                    continue;
+                }
+                let copies = self.streams[dest].0;
+                wait_on(copies, events.ready[me].0)?;
+                if dest != me {
+                    wait_on(copies, events.ready[dest].0)?;
+                }
                 for (to, &(from, bytes)) in landing.chunks_exact(2).zip(spans) {
                     let (to, expected) = (to[0], to[1] as usize);
                     if expected != bytes {
@@ -340,30 +408,35 @@ impl CudaPeerComm {
                         self.copy(dest, to, from, bytes)?;
                     }
                 }
+                unsafe { result::event::record(events.copied[me][dest].0, copies) }
+                    .map_err(|e| driver("cuEventRecord", e))?;
             }
             Ok(())
         })();
-        // Wait for whatever was started even after an error: the buffers must not be
-        // released under a running copy.
-        let finished = self.wait_copies();
         // Every rank meets here, on success or failure alike, so no peer waits for a
         // barrier that never comes.
         counters::control_message();
         let status: Vec<Result<(), String>> =
-            self.control.all_to_all(vec![
-                started
-                    .clone()
-                    .and(finished.clone())
-                    .map_err(|e| e.to_string());
-                world
-            ])?;
-        started?;
-        finished?;
-        if let Some((rank, reason)) = status
+            self.control
+                .all_to_all(vec![queued.clone().map_err(|e| e.to_string()); world])?;
+        let failed = status
             .into_iter()
             .enumerate()
-            .find_map(|(rank, s)| s.err().map(|reason| (rank, reason)))
-        {
+            .find_map(|(rank, s)| s.err().map(|reason| (rank, reason)));
+        // The caller's stream waits for the bytes that left and the bytes that came,
+        // after a failure as well: an event a failed peer did not record this call
+        // is an earlier call's, already passed.
+        let sent = (0..world).filter(|&dest| bytes_of(&send[dest]) > 0);
+        let came = (0..world).filter(|&source| source != me && bytes_of(&recv[source]) > 0);
+        let ordered = sent
+            .map(|dest| events.copied[me][dest])
+            .chain(came.map(|source| events.copied[source][me]))
+            .try_for_each(|event| wait_on(stream, event.0));
+        if queued.is_err() || failed.is_some() || ordered.is_err() {
+            self.drain_copies();
+            queued?;
+            ordered?;
+            let (rank, reason) = failed.expect("a peer failed");
             return Err(EpError::PeerFailed { rank, reason });
         }
         Ok(())
@@ -378,12 +451,14 @@ impl DeviceExchange for CudaPeerComm {
         send_counts: &[usize],
         recv_counts: &[usize],
         pairing: &dyn Pairing,
+        stream: u64,
     ) -> EpResult<()> {
         check_counts(self.rank(), self.world_size(), send_counts, recv_counts)?;
         self.exchange_spans(
             &spans_per_rank(planes, send_counts, |p| p.send),
             &spans_per_rank(planes, recv_counts, |p| p.recv),
             Some(pairing),
+            stream,
         )
     }
 }
@@ -392,11 +467,8 @@ impl Drop for CudaPeerComm {
     fn drop(&mut self) {
         if set_current(&self.contexts, self.device()).is_ok() {
             for stream in &self.streams {
-                // Nothing is queued: every call waits for its copies before returning.
+                // Copies may still be queued: the stream is released once they end.
                 let _ = unsafe { result::stream::destroy(stream.0) };
-            }
-            for event in &self.events {
-                let _ = unsafe { result::event::destroy(event.0) };
             }
         }
     }

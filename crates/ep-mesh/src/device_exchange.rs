@@ -80,15 +80,21 @@ pub fn check_pairing(control: &dyn Control, pairing: &dyn Pairing) -> EpResult<(
 pub trait DeviceExchange: Send + Sync {
     /// All-to-all-v of device rows: `send_counts[d]` rows of every plane go to rank
     /// `d`; `recv_counts[s]` rows of every plane come from rank `s`. `pairing` is
-    /// checked with every peer before anything moves. The send buffers must be
-    /// written and the receive buffers allocated before the call; when it returns,
-    /// the receive buffers are complete and the send buffers are no longer read.
+    /// checked with every peer before anything moves.
+    ///
+    /// `stream` is the CUDA stream (a `CUstream`, as an integer; 0 is CUDA's
+    /// default stream) that writes the send buffers and reads the receive buffers.
+    /// The exchange starts after the work queued on it before the call, and work
+    /// queued on it after the call sees the received rows and may release both
+    /// buffers. The host need not synchronise the stream before or after;
+    /// transports that cannot order on the device wait on the host instead.
     fn all_to_all_v(
         &self,
         planes: &[Plane],
         send_counts: &[usize],
         recv_counts: &[usize],
         pairing: &dyn Pairing,
+        stream: u64,
     ) -> EpResult<()>;
 }
 

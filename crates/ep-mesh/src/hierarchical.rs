@@ -204,10 +204,11 @@ impl DeviceExchange for HierarchicalComm {
         send_counts: &[usize],
         recv_counts: &[usize],
         pairing: &dyn Pairing,
+        stream: u64,
     ) -> EpResult<()> {
         let Some((members, peer)) = &self.peers else {
             let nccl = self.nccl.as_ref().expect("a rank without peers has NCCL");
-            return nccl.all_to_all_v(planes, send_counts, recv_counts, pairing);
+            return nccl.all_to_all_v(planes, send_counts, recv_counts, pairing, stream);
         };
         check_counts(self.rank, self.world_size, send_counts, recv_counts)?;
         // The whole group pairs up first: the copies inside the node see only its
@@ -221,14 +222,15 @@ impl DeviceExchange for HierarchicalComm {
             members.iter().map(|&r| list[r].clone()).collect()
         };
         let Some(nccl) = &self.nccl else {
-            return peer.exchange_spans(&pick(&send), &pick(&recv), None);
+            return peer.exchange_spans(&pick(&send), &pick(&recv), None, stream);
         };
         // NCCL first (it runs on its own), then the copies, then wait for NCCL.
         let outside = |rank: usize| !members.contains(&rank);
         let (sends, recvs) = (transfers(&send, outside), transfers(&recv, outside));
         let deadline = Instant::now() + nccl.timeout();
+        nccl.follow(stream)?;
         nccl.start(&sends, &recvs, deadline)?;
-        let copied = peer.exchange_spans(&pick(&send), &pick(&recv), None);
+        let copied = peer.exchange_spans(&pick(&send), &pick(&recv), None, stream);
         // Wait for NCCL even after a failed copy: its buffers are still in use.
         let received = nccl.finish(&sends, &recvs, deadline);
         copied.and(received)

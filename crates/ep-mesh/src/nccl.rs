@@ -24,7 +24,7 @@ use cudarc::nccl::sys as nccl;
 use ep_core::{counters, EpError, EpResult};
 
 use crate::control::{check_call, Control};
-use crate::cuda_peer::{driver, primary_context, Raw};
+use crate::cuda_peer::{driver, primary_context, stream_waits_for, Raw};
 use crate::device_exchange::{
     check_counts, check_pairing, spans_per_rank, DeviceExchange, Pairing, Plane, Span,
 };
@@ -427,6 +427,13 @@ impl NcclComm {
         self.enqueue(&mut state, sends, recvs, deadline)
     }
 
+    /// Orders the work queued on NCCL's stream from now on after the work queued
+    /// on `stream` so far.
+    pub(crate) fn follow(&self, stream: u64) -> EpResult<()> {
+        let _state = self.usable()?;
+        stream_waits_for(self.stream.0, stream as sys::CUstream)
+    }
+
     /// Waits for what [`NcclComm::start`] queued (and anything queued before it).
     pub(crate) fn finish(
         &self,
@@ -511,9 +518,12 @@ impl DeviceExchange for NcclComm {
         send_counts: &[usize],
         recv_counts: &[usize],
         pairing: &dyn Pairing,
+        stream: u64,
     ) -> EpResult<()> {
         check_counts(self.rank, self.world_size, send_counts, recv_counts)?;
         check_pairing(self, pairing)?;
+        // NCCL's stream starts after the caller's work; the host waits for NCCL.
+        self.follow(stream)?;
         self.exchange(
             &spans_per_rank(planes, send_counts, |p| p.send),
             &spans_per_rank(planes, recv_counts, |p| p.recv),
