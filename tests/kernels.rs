@@ -343,3 +343,248 @@ fn topk_indices_match_a_host_sort(
         Which::Cube => topk_matches::<Cube>(cols, k, true),
     }
 }
+
+/// How a test operand is stored: as it is, as a slice of a tensor with longer rows
+/// (the row stride of Burn's padded rows), or as a transposed view.
+#[derive(Debug, Clone, Copy)]
+enum Storage {
+    Contiguous,
+    PaddedRows,
+    Permuted,
+}
+
+/// A leaf tensor holding `values` (`shape`) the way `storage` says, and the view of
+/// it that reads as `values`.
+fn stored<B: burn::tensor::backend::AutodiffBackend>(
+    values: &[f32],
+    [g, r, c]: [usize; 3],
+    storage: Storage,
+    device: &B::Device,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let leaf = |data: Vec<f32>, shape: [usize; 3]| {
+        Tensor::<B, 3>::from_data(TensorData::new(data, shape), device).require_grad()
+    };
+    match storage {
+        Storage::Contiguous => {
+            let base = leaf(values.to_vec(), [g, r, c]);
+            (base.clone(), base)
+        }
+        Storage::PaddedRows => {
+            let pad = 5;
+            let wide = values
+                .chunks(c)
+                .flat_map(|row| row.iter().copied().chain(std::iter::repeat_n(0.0, pad)))
+                .collect();
+            let base = leaf(wide, [g, r, c + pad]);
+            (base.clone(), base.slice([0..g, 0..r, 0..c]))
+        }
+        Storage::Permuted => {
+            let transposed = (0..g * r * c)
+                .map(|i| {
+                    let (x, j, l) = (i / (r * c), (i / r) % c, i % r);
+                    values[x * r * c + l * c + j]
+                })
+                .collect();
+            let base = leaf(transposed, [g, c, r]);
+            (base.clone(), base.swap_dims(1, 2))
+        }
+    }
+}
+
+/// The gradient of the view `stored` made, from its leaf's.
+fn view_gradient<B: burn::tensor::backend::Backend>(
+    leaf_grad: Tensor<B, 3>,
+    [g, r, c]: [usize; 3],
+    storage: Storage,
+) -> Tensor<B, 3> {
+    match storage {
+        Storage::Contiguous => leaf_grad,
+        Storage::PaddedRows => leaf_grad.slice([0..g, 0..r, 0..c]),
+        Storage::Permuted => leaf_grad.swap_dims(1, 2),
+    }
+}
+
+/// `ep_batched_matmul` and both its gradients against plain Rust loops, for every
+/// way of reading the operands (as stored or transposed) and of storing them:
+/// Burn's matmul on NdArray and wgpu, cuBLAS on CUDA (which reads padded rows in
+/// place and copies permuted views first). The tolerance is f32's: a TF32 product
+/// would miss it.
+fn batched_matmul_matches<B: ExpertParallelBackend>(
+    transpose_a: bool,
+    transpose_b: bool,
+    storage: Storage,
+) {
+    use burn::backend::Autodiff;
+    type Ad<B> = Autodiff<B>;
+    let device: burn::tensor::Device<B> = Default::default();
+    let (g, m, k, n) = (3, 5, 70, 9);
+    let mut rng = SplitMix64::new(17 + transpose_a as u64 * 2 + transpose_b as u64);
+    let mut values =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next_f32() * 2.0 - 1.0).collect() };
+    let (a, b, r) = (values(g * m * k), values(g * k * n), values(g * m * n));
+    // Where element (i, l) of op(a), and (l, j) of op(b), of batch x is stored.
+    let a_at = |x: usize, i: usize, l: usize| match transpose_a {
+        false => x * m * k + i * k + l,
+        true => x * m * k + l * m + i,
+    };
+    let b_at = |x: usize, l: usize, j: usize| match transpose_b {
+        false => x * k * n + l * n + j,
+        true => x * k * n + j * k + l,
+    };
+    let dot = |terms: &mut dyn Iterator<Item = (f32, f32)>| {
+        terms.map(|(p, q)| f64::from(p) * f64::from(q)).sum::<f64>() as f32
+    };
+    let mut want = vec![0f32; g * m * n];
+    let mut want_grad_a = vec![0f32; a.len()];
+    let mut want_grad_b = vec![0f32; b.len()];
+    for x in 0..g {
+        let r_at = |i: usize, j: usize| r[x * m * n + i * n + j];
+        for i in 0..m {
+            for j in 0..n {
+                want[x * m * n + i * n + j] =
+                    dot(&mut (0..k).map(|l| (a[a_at(x, i, l)], b[b_at(x, l, j)])));
+            }
+            for l in 0..k {
+                want_grad_a[a_at(x, i, l)] =
+                    dot(&mut (0..n).map(|j| (r_at(i, j), b[b_at(x, l, j)])));
+            }
+        }
+        for l in 0..k {
+            for j in 0..n {
+                want_grad_b[b_at(x, l, j)] =
+                    dot(&mut (0..m).map(|i| (a[a_at(x, i, l)], r_at(i, j))));
+            }
+        }
+    }
+    let a_shape = if transpose_a { [g, k, m] } else { [g, m, k] };
+    let b_shape = if transpose_b { [g, n, k] } else { [g, k, n] };
+    let (a_leaf, a_view) = stored::<Ad<B>>(&a, a_shape, storage, &device);
+    let (b_leaf, b_view) = stored::<Ad<B>>(&b, b_shape, storage, &device);
+    let out = Tensor::<Ad<B>, 3>::from_primitive(burn::tensor::TensorPrimitive::Float(
+        Ad::<B>::ep_batched_matmul(
+            a_view.into_primitive().tensor(),
+            b_view.into_primitive().tensor(),
+            transpose_a,
+            transpose_b,
+        ),
+    ));
+    assert_eq!(out.dims(), [g, m, n]);
+    let r_t = Tensor::<Ad<B>, 3>::from_data(TensorData::new(r.clone(), [g, m, n]), &device);
+    let grads = (out.clone() * r_t).sum().backward();
+    let what = format!("{storage:?}, transposed ({transpose_a}, {transpose_b})");
+    let grad_a = view_gradient(a_leaf.grad(&grads).unwrap(), a_shape, storage);
+    let grad_b = view_gradient(b_leaf.grad(&grads).unwrap(), b_shape, storage);
+    assert_close(&host(out), &want, 1e-5, &format!("{what}: product"));
+    assert_close(
+        &host(grad_a),
+        &want_grad_a,
+        1e-5,
+        &format!("{what}: grad a"),
+    );
+    assert_close(
+        &host(grad_b),
+        &want_grad_b,
+        1e-5,
+        &format!("{what}: grad b"),
+    );
+}
+
+#[rstest]
+fn batched_matmul_and_its_gradients_match_plain_rust(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values((false, false), (true, false), (false, true), (true, true))] transposed: (bool, bool),
+    #[values(Storage::Contiguous, Storage::PaddedRows, Storage::Permuted)] storage: Storage,
+) {
+    if !runs_here(which) {
+        return;
+    }
+    let (transpose_a, transpose_b) = transposed;
+    match which {
+        Which::NdArray => batched_matmul_matches::<NdArray>(transpose_a, transpose_b, storage),
+        Which::Cube => batched_matmul_matches::<Cube>(transpose_a, transpose_b, storage),
+    }
+}
+
+/// `ep_swiglu` and its gradients against plain Rust in f64: values spread over
+/// [-12, 12] (both tails of the sigmoid), in f32 and in half precision (against
+/// the inputs as rounded, to the output's precision).
+fn swiglu_matches<B: ExpertParallelBackend>(dtype: DType) {
+    use burn::backend::Autodiff;
+    type Ad<B> = Autodiff<B>;
+    let device: burn::tensor::Device<B> = Default::default();
+    if !B::supports_dtype(&device, dtype) {
+        eprintln!("{dtype:?} not supported by this adapter: skipped");
+        return;
+    }
+    let shape = [3, 7, 24];
+    let len = shape.iter().product::<usize>();
+    let mut rng = SplitMix64::new(5);
+    let mut values = |scale: f32| -> Vec<f32> {
+        (0..len)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+            .collect()
+    };
+    let (gate, up, seed) = (values(12.0), values(3.0), values(1.0));
+    let leaf = |v: &[f32]| {
+        Tensor::<Ad<B>, 3>::from_data(TensorData::new(v.to_vec(), shape), &device)
+            .cast(dtype)
+            .detach()
+            .require_grad()
+    };
+    let (gate_t, up_t) = (leaf(&gate), leaf(&up));
+    // The inputs as the kernel sees them (rounded to `dtype`).
+    let (gate, up) = (host(gate_t.clone().inner()), host(up_t.clone().inner()));
+    let out = Tensor::<Ad<B>, 3>::from_primitive(burn::tensor::TensorPrimitive::Float(
+        Ad::<B>::ep_swiglu(
+            gate_t.clone().into_primitive().tensor(),
+            up_t.clone().into_primitive().tensor(),
+        ),
+    ));
+    let seed_t =
+        Tensor::<Ad<B>, 3>::from_data(TensorData::new(seed.clone(), shape), &device).cast(dtype);
+    let seed = host(seed_t.clone().inner());
+    let grads = (out.clone() * seed_t).sum().backward();
+    let sigmoid = |g: f64| 1.0 / (1.0 + (-g).exp());
+    let mut want = Vec::new();
+    let mut want_gate = Vec::new();
+    let mut want_up = Vec::new();
+    for i in 0..len {
+        let (g, u, d) = (f64::from(gate[i]), f64::from(up[i]), f64::from(seed[i]));
+        let s = sigmoid(g);
+        want.push((g * s * u) as f32);
+        want_up.push((d * g * s) as f32);
+        want_gate.push((d * u * s * (1.0 + g * (1.0 - s))) as f32);
+    }
+    // f32: a few roundings; bf16: the output's own rounding (8 bits).
+    let tolerance = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+    let what = format!("{dtype:?}");
+    assert_close(&host(out), &want, tolerance, &format!("{what}: swiglu"));
+    let grad = |t: &Tensor<Ad<B>, 3>| host(t.grad(&grads).unwrap());
+    assert_close(
+        &grad(&gate_t),
+        &want_gate,
+        tolerance,
+        &format!("{what}: grad gate"),
+    );
+    assert_close(
+        &grad(&up_t),
+        &want_up,
+        tolerance,
+        &format!("{what}: grad up"),
+    );
+}
+
+#[rstest]
+#[case::ndarray_f32(Which::NdArray, DType::F32)]
+#[case::cube_f32(Which::Cube, DType::F32)]
+#[case::cube_bf16(Which::Cube, DType::BF16)]
+#[case::cube_f16(Which::Cube, DType::F16)]
+fn swiglu_and_its_gradients_match_plain_rust(#[case] which: Which, #[case] dtype: DType) {
+    if !runs_here(which) {
+        return;
+    }
+    match which {
+        Which::NdArray => swiglu_matches::<NdArray>(dtype),
+        Which::Cube => swiglu_matches::<Cube>(dtype),
+    }
+}

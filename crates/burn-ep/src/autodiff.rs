@@ -167,6 +167,52 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         B::ep_topk_indices(Self::inner(scores), k)
     }
 
+    fn ep_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = B::ep_swiglu(gate.primitive.clone(), up.primitive.clone());
+        match SwigluBackward
+            .prepare::<C>([gate.node.clone(), up.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish((gate.primitive, up.primitive), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    fn ep_swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (grad_gate, grad_up) =
+            B::ep_swiglu_grad(Self::inner(gate), Self::inner(up), Self::inner(grad));
+        (Self::from_inner(grad_gate), Self::from_inner(grad_up))
+    }
+
+    fn ep_batched_matmul(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> FloatTensor<Self> {
+        let out = B::ep_batched_matmul(
+            a.primitive.clone(),
+            b.primitive.clone(),
+            transpose_a,
+            transpose_b,
+        );
+        match BatchedMatmulBackward
+            .prepare::<C>([a.node.clone(), b.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((a.primitive, b.primitive, transpose_a, transpose_b), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
     fn ep_combine_grad(
         grad: FloatTensor<Self>,
         y: Option<FloatTensor<Self>>,
@@ -651,6 +697,58 @@ impl<B: ExpertParallelBackend> Backward<B, 1> for TakeRowsBackward {
         if let Some(parent) = parent {
             let grad = B::ep_place_rows(grad, slots, source_rows, &unfilled);
             register!(B, grads, parent, grad);
+        }
+    }
+}
+
+/// `ep_batched_matmul`, `out = op(a) op(b)`: `op(a)`'s gradient is `grad op(b)ᵀ`
+/// and `op(b)`'s is `op(a)ᵀ grad`; an operand read transposed gets the transpose of
+/// its op's gradient. Each is one more batched product, reading the saved operands
+/// as they are stored.
+#[derive(Debug)]
+struct BatchedMatmulBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 2> for BatchedMatmulBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, bool, bool);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [a_parent, b_parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (a, b, transpose_a, transpose_b) = ops.state;
+        if let Some(parent) = a_parent {
+            let grad_a = match transpose_a {
+                false => B::ep_batched_matmul(grad.clone(), b.clone(), false, !transpose_b),
+                true => B::ep_batched_matmul(b, grad.clone(), transpose_b, true),
+            };
+            register!(B, grads, parent, grad_a);
+        }
+        if let Some(parent) = b_parent {
+            let grad_b = match transpose_b {
+                false => B::ep_batched_matmul(a, grad, !transpose_a, false),
+                true => B::ep_batched_matmul(grad, a, true, transpose_a),
+            };
+            register!(B, grads, parent, grad_b);
+        }
+    }
+}
+
+/// `ep_swiglu`: both gradients from one pass over the saved inputs.
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 2> for SwigluBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [gate_parent, up_parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (gate, up) = ops.state;
+        let (grad_gate, grad_up) = B::ep_swiglu_grad(gate, up, grad);
+        if let Some(parent) = gate_parent {
+            register!(B, grads, parent, grad_gate);
+        }
+        if let Some(parent) = up_parent {
+            register!(B, grads, parent, grad_up);
         }
     }
 }

@@ -390,6 +390,51 @@ pub trait ExpertParallelBackend: Backend {
             .tensor()
     }
 
+    /// The batched product `op(a) · op(b)`: `[G, M, N]`, from `a [G, M, K]` and
+    /// `b [G, K, N]`, where an operand whose flag is set is given transposed
+    /// (`[G, K, M]`, `[G, N, K]`) and read as its transpose. The MoE layer's experts;
+    /// the flags let its backward pass read the saved operands as they are. (This
+    /// default is Burn's matmul; CubeCL backends run cuBLAS on CUDA.)
+    fn ep_batched_matmul(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> FloatTensor<Self> {
+        burn_batched_matmul::<Self>(a, b, transpose_a, transpose_b)
+    }
+
+    /// SwiGLU's element-wise part, `silu(gate) · up`, for `gate` and `up` of one
+    /// shape. (This default is Burn's `silu` and a product; CubeCL backends run one
+    /// kernel, in f32 inside.)
+    fn ep_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let gate = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(gate));
+        let up = Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(up));
+        (burn::tensor::activation::silu(gate) * up)
+            .into_primitive()
+            .tensor()
+    }
+
+    /// The gradients of [`Self::ep_swiglu`] from its output's gradient `grad`:
+    /// `(grad_gate, grad_up)`, with `grad_up = grad · silu(gate)` and
+    /// `grad_gate = grad · up · σ(gate) · (1 + gate · (1 − σ(gate)))`.
+    fn ep_swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let float = |t| Tensor::<Self, 1>::from_primitive(TensorPrimitive::Float(t));
+        let (gate, up, grad) = (float(gate), float(up), float(grad));
+        let s = burn::tensor::activation::sigmoid(gate.clone());
+        let grad_up = grad.clone() * gate.clone() * s.clone();
+        let slope = (gate * (s.clone().neg() + 1.0) + 1.0) * s;
+        let grad_gate = grad * up * slope;
+        (
+            grad_gate.into_primitive().tensor(),
+            grad_up.into_primitive().tensor(),
+        )
+    }
+
     /// The columns of each row's `k` largest values of `scores [T, E]`, largest
     /// first, `[T, k]`: the router's choice. Not differentiable. (This default is
     /// Burn's `topk_with_indices`, which sorts on the host on CubeCL backends in
@@ -628,6 +673,24 @@ pub trait ExpertParallelBackend: Backend {
 }
 
 /// `out[i, k] = values[positions[i, k]]`, or zero where the position is `-1`.
+/// [`ExpertParallelBackend::ep_batched_matmul`] on Burn's matmul: a transposed
+/// operand is a view with its last two dims swapped.
+pub(crate) fn burn_batched_matmul<B: Backend>(
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    transpose_a: bool,
+    transpose_b: bool,
+) -> FloatTensor<B> {
+    let read = |t: FloatTensor<B>, transposed: bool| match transposed {
+        false => float::<B, 3>(t),
+        true => float::<B, 3>(t).swap_dims(1, 2),
+    };
+    read(a, transpose_a)
+        .matmul(read(b, transpose_b))
+        .into_primitive()
+        .tensor()
+}
+
 fn gather_by_positions<B: Backend>(
     values: Tensor<B, 1>,
     positions: IntTensor<B>,

@@ -13,7 +13,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::features::Plane;
 use cubecl::prelude::*;
 use ep_core::{counters, validate, EpConfig, EpError, EpResult};
-use ep_kernels::{combine_grad, expand, layout, pack, reduce, slots, sum, topk};
+use ep_kernels::{combine_grad, expand, layout, pack, reduce, slots, sum, swiglu, topk};
 
 use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows};
 use crate::cube_exchange::device_exchange;
@@ -404,6 +404,78 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         Self::ep_expand(rows, slots, out_rows, unfilled)
     }
 
+    fn ep_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (gate, up) = (into_contiguous(gate), into_contiguous(up));
+        assert_eq!(
+            gate.shape(),
+            up.shape(),
+            "swiglu: gate and up differ in shape"
+        );
+        let out = alloc_like(&gate);
+        let elements = gate.shape().num_elements();
+        if elements > 0 {
+            let n = vector_size::<R>(&gate.client, elements, gate.dtype);
+            counters::kernel_launch();
+            swiglu::swiglu_kernel::launch::<R>(
+                &gate.client,
+                elementwise_count(elements / n),
+                CubeDim::new_1d(ELEMENT_BLOCK),
+                n,
+                gate.clone().into_array_arg(),
+                up.clone().into_array_arg(),
+                out.clone().into_array_arg(),
+                elements / n,
+                gate.dtype.into(),
+            );
+        }
+        out
+    }
+
+    fn ep_swiglu_grad(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let [gate, up, grad] = [gate, up, grad].map(into_contiguous);
+        assert!(
+            gate.shape() == up.shape() && gate.shape() == grad.shape(),
+            "swiglu's backward: gate, up and the gradient differ in shape"
+        );
+        let (grad_gate, grad_up) = (alloc_like(&gate), alloc_like(&gate));
+        let elements = gate.shape().num_elements();
+        if elements > 0 {
+            let n = vector_size::<R>(&gate.client, elements, gate.dtype);
+            counters::kernel_launch();
+            swiglu::swiglu_grad_kernel::launch::<R>(
+                &gate.client,
+                elementwise_count(elements / n),
+                CubeDim::new_1d(ELEMENT_BLOCK),
+                n,
+                gate.clone().into_array_arg(),
+                up.clone().into_array_arg(),
+                grad.clone().into_array_arg(),
+                grad_gate.clone().into_array_arg(),
+                grad_up.clone().into_array_arg(),
+                elements / n,
+                gate.dtype.into(),
+            );
+        }
+        (grad_gate, grad_up)
+    }
+
+    fn ep_batched_matmul(
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        transpose_a: bool,
+        transpose_b: bool,
+    ) -> FloatTensor<Self> {
+        #[cfg(feature = "cuda")]
+        if let Some(out) = crate::cublas::batched_matmul(&a, &b, transpose_a, transpose_b) {
+            return out;
+        }
+        crate::backend::burn_batched_matmul::<Self>(a, b, transpose_a, transpose_b)
+    }
+
     fn ep_topk_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
         let scores = into_contiguous(scores);
         let [rows, cols] = dims2(&scores);
@@ -579,6 +651,14 @@ fn vector_size<R: CubeRuntime>(client: &ComputeClient<R>, hidden: usize, dtype: 
 
 fn elementwise_count(n: usize) -> CubeCount {
     row_count(n.div_ceil(ELEMENT_BLOCK as usize))
+}
+
+/// A contiguous tensor of `t`'s shape, dtype and device, not initialised.
+fn alloc_like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
+    let shape = t.shape();
+    let bytes = shape.num_elements() * t.dtype.size();
+    let handle = t.client.empty(bytes.max(4));
+    CubeTensor::new_contiguous(t.client.clone(), t.device.clone(), shape, handle, t.dtype)
 }
 
 /// `n` cubes, spread over two dimensions to stay under per-dimension limits

@@ -15,6 +15,8 @@ mod autodiff;
 mod backend;
 mod cube;
 mod cube_exchange;
+#[cfg(feature = "cuda")]
+mod cublas;
 mod exchange;
 mod group;
 pub mod moe;

@@ -7,7 +7,7 @@
 
 use burn::config::Config;
 use burn::module::{Module, Param, ParamId};
-use burn::tensor::activation::{sigmoid, silu, softmax};
+use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
 use ep_core::synthetic::SplitMix64;
@@ -72,8 +72,12 @@ impl<B: ExpertParallelBackend> Router<B> {
         if tokens == 0 {
             return self.no_tokens(&x.device());
         }
-        let logits = x.matmul(self.gate.val());
-        let num_experts = logits.dims()[1];
+        let [hidden, num_experts] = self.gate.val().dims();
+        let logits = batched_matmul(
+            x.reshape([1, tokens, hidden]),
+            self.gate.val().reshape([1, hidden, num_experts]),
+        )
+        .reshape([tokens, num_experts]);
         let scores = if self.sigmoid_scores {
             sigmoid(logits)
         } else {
@@ -176,9 +180,9 @@ impl<B: ExpertParallelBackend> GroupedExperts<B> {
         );
         let slots_in = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(placed))
             .reshape([local, c, hidden]);
-        let gate = silu(slots_in.clone().matmul(self.w_gate.val()));
-        let up = slots_in.matmul(self.w_up.val());
-        let out = (gate * up).matmul(self.w_down.val());
+        let gate = batched_matmul(slots_in.clone(), self.w_gate.val());
+        let up = batched_matmul(slots_in, self.w_up.val());
+        let out = batched_matmul(swiglu(gate, up), self.w_down.val());
         let out = out.reshape([local * c, hidden]).into_primitive().tensor();
         Tensor::from_primitive(TensorPrimitive::Float(B::ep_take_rows(
             out, slots, unfilled,
@@ -187,23 +191,41 @@ impl<B: ExpertParallelBackend> GroupedExperts<B> {
 
     /// One chain of products per expert, on its own rows.
     fn forward_each(&self, rows: Tensor<B, 2>, offsets: &[usize]) -> Tensor<B, 2> {
-        let [local, hidden, ffn] = self.w_gate.val().dims();
-        let matrix = |w: &Param<Tensor<B, 3>>, j: usize, shape: [usize; 2]| {
-            w.val().narrow(0, j, 1).reshape(shape)
-        };
+        let [local, hidden, _] = self.w_gate.val().dims();
+        let matrix = |w: &Param<Tensor<B, 3>>, j: usize| w.val().narrow(0, j, 1);
         let parts = (0..local)
             .filter(|&j| offsets[j + 1] > offsets[j])
             .map(|j| {
+                let count = offsets[j + 1] - offsets[j];
                 let r = rows
                     .clone()
-                    .narrow(0, offsets[j], offsets[j + 1] - offsets[j]);
-                let gate = silu(r.clone().matmul(matrix(&self.w_gate, j, [hidden, ffn])));
-                let up = r.matmul(matrix(&self.w_up, j, [hidden, ffn]));
-                (gate * up).matmul(matrix(&self.w_down, j, [ffn, hidden]))
+                    .narrow(0, offsets[j], count)
+                    .reshape([1, count, hidden]);
+                let gate = batched_matmul(r.clone(), matrix(&self.w_gate, j));
+                let up = batched_matmul(r, matrix(&self.w_up, j));
+                batched_matmul(swiglu(gate, up), matrix(&self.w_down, j)).reshape([count, hidden])
             })
             .collect();
         Tensor::cat(parts, 0)
     }
+}
+
+/// `a [G, M, K] · b [G, K, N]` on burn-ep's batched product (cuBLAS on CUDA).
+fn batched_matmul<B: ExpertParallelBackend>(a: Tensor<B, 3>, b: Tensor<B, 3>) -> Tensor<B, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::ep_batched_matmul(
+        a.into_primitive().tensor(),
+        b.into_primitive().tensor(),
+        false,
+        false,
+    )))
+}
+
+/// `silu(gate) · up` on burn-ep's fused op (one kernel on CubeCL backends).
+fn swiglu<B: ExpertParallelBackend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::ep_swiglu(
+        gate.into_primitive().tensor(),
+        up.into_primitive().tensor(),
+    )))
 }
 
 /// The capacity layout of one rank's expert-major rows: every local expert gets
