@@ -15,7 +15,8 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_ep::counters::{self, Counts};
 use burn_ep::moe::{MoeConfig, MoeLayer};
 use burn_ep::{
-    run_ranks, EpConfig, EpGroup, ExchangeOp, ExchangeTag, ExpertParallelBackend, Transport,
+    run_ranks, EpConfig, EpGroup, EpResult, ExchangeOp, ExchangeTag, ExpertParallelBackend,
+    Routing, Transport,
 };
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
@@ -233,52 +234,45 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 }
                 (times, counts)
             };
-            let d = group.dispatch(x.clone(), idx.clone(), w.clone())?;
-            let received = d.routing.received_rows();
-            let y = d.rows.clone();
-            let dispatch = timed(&mut || {
-                group.dispatch(x.clone(), idx.clone(), w.clone()).unwrap();
-            });
-            let cached = timed(&mut || {
-                group.dispatch_cached(x.clone(), &d.routing).unwrap();
-            });
-            let combine = timed(&mut || {
-                group.combine(y.clone(), &d.routing).unwrap();
-            });
-            let round_trip = timed(&mut || {
-                let xg = x.clone().require_grad();
-                let dd = group
-                    .dispatch(xg.clone(), idx.clone(), w.clone().require_grad())
-                    .unwrap();
-                let out = group.combine(dd.rows, &dd.routing).unwrap();
-                // The gradient of `out.sum()`, seeded directly (Burn seeds a
-                // backward pass with ones of the root's shape): Burn 0.21's sum of
-                // a whole [4096, 7168] bf16 tensor runs on 4 cubes, about 1 ms on
-                // an H100 with its backward, and none of it is burn-ep's.
-                let _ = out.backward();
-            });
+            // The four timed operations of one layout, `dispatch` being its
+            // recording dispatch: dispatch, replay, combine, and a dispatch +
+            // combine forward and backward. The backward is seeded with ones of the
+            // output's shape, the gradient of `out.sum()` (Burn 0.21's sum of a
+            // whole [4096, 7168] bf16 tensor runs on 4 cubes, about 1 ms on an H100
+            // with its backward, and none of it is burn-ep's). Also returns the
+            // routing of an untimed first dispatch.
+            type Dispatch<'a, B> =
+                dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> EpResult<(Tensor<B, 2>, Routing<B>)> + 'a;
+            let layout_runs = |dispatch: &Dispatch<B>| -> EpResult<_> {
+                let (rows, routing) = dispatch(x.clone(), w.clone())?;
+                let runs = [
+                    timed(&mut || {
+                        dispatch(x.clone(), w.clone()).unwrap();
+                    }),
+                    timed(&mut || {
+                        group.dispatch_cached(x.clone(), &routing).unwrap();
+                    }),
+                    timed(&mut || {
+                        group.combine(rows.clone(), &routing).unwrap();
+                    }),
+                    timed(&mut || {
+                        let (rows, routing) =
+                            dispatch(x.clone().require_grad(), w.clone().require_grad()).unwrap();
+                        let _ = group.combine(rows, &routing).unwrap().backward();
+                    }),
+                ];
+                Ok((runs, routing))
+            };
+            let (expert_major, routing) = layout_runs(&|x, w| {
+                let d = group.dispatch(x, idx.clone(), w)?;
+                Ok((d.rows, d.routing))
+            })?;
             // The rank-major layout: each received token once, no expand or reduce.
-            let rm = group.dispatch_rank_major(x.clone(), idx.clone(), w.clone())?;
-            let rm_rows = rm.rows.clone();
-            let rank_major = timed(&mut || {
-                group
-                    .dispatch_rank_major(x.clone(), idx.clone(), w.clone())
-                    .unwrap();
-            });
-            let rank_major_cached = timed(&mut || {
-                group.dispatch_cached(x.clone(), &rm.routing).unwrap();
-            });
-            let rank_major_combine = timed(&mut || {
-                group.combine(rm_rows.clone(), &rm.routing).unwrap();
-            });
-            let rank_major_round_trip = timed(&mut || {
-                let xg = x.clone().require_grad();
-                let dd = group
-                    .dispatch_rank_major(xg.clone(), idx.clone(), w.clone().require_grad())
-                    .unwrap();
-                let out = group.combine(dd.rows, &dd.routing).unwrap();
-                let _ = out.backward();
-            });
+            let (rank_major, _) = layout_runs(&|x, w| {
+                let d = group.dispatch_rank_major(x, idx.clone(), w)?;
+                Ok((d.rows, d.routing))
+            })?;
+            let received = routing.received_rows();
             // The whole MoE layer, when asked for.
             let layer_phases = match o.ffn {
                 Some(ffn) => {
@@ -300,7 +294,7 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
             };
             // The steps of one dispatch, timed alone (each between device
             // synchronisations): where the time of a dispatch goes.
-            let plan = d.routing.plan().clone();
+            let plan = routing.plan().clone();
             let inner_x = x.clone().into_primitive().tensor();
             let inner_idx = idx.clone().into_primitive();
             let layout = timed(&mut || {
@@ -370,50 +364,56 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                 counts,
                 flops: 0,
             };
-            Ok([
-                phase("dispatch", dispatch, bytes, dispatch_floor),
-                phase("cached dispatch", cached, bytes, dispatch_floor),
-                phase("combine", combine, bytes, combine_floor),
-                phase(
+            // The four operations of one layout, with their floors.
+            let layout_phases = |names: [&'static str; 4], runs, floor, combine_floor| {
+                let [dispatch, cached, combine, round_trip] = runs;
+                [
+                    phase(names[0], dispatch, bytes, floor),
+                    phase(names[1], cached, bytes, floor),
+                    phase(names[2], combine, bytes, combine_floor),
+                    phase(names[3], round_trip, 4 * bytes, 2 * (floor + combine_floor)),
+                ]
+            };
+            let expert_major = layout_phases(
+                [
+                    "dispatch",
+                    "cached dispatch",
+                    "combine",
                     "dispatch+combine fwd+bwd",
-                    round_trip,
-                    4 * bytes,
-                    2 * (dispatch_floor + combine_floor),
-                ),
-                phase("rank-major dispatch", rank_major, bytes, rank_major_floor),
-                phase(
+                ],
+                expert_major,
+                dispatch_floor,
+                combine_floor,
+            );
+            let rank_major = layout_phases(
+                [
+                    "rank-major dispatch",
                     "rank-major cached dispatch",
-                    rank_major_cached,
-                    bytes,
-                    rank_major_floor,
-                ),
-                phase(
                     "rank-major combine",
-                    rank_major_combine,
-                    bytes,
-                    rank_major_combine_floor,
-                ),
-                phase(
                     "rank-major fwd+bwd",
-                    rank_major_round_trip,
-                    4 * bytes,
-                    2 * (rank_major_floor + rank_major_combine_floor),
-                ),
-                phase("step: layout (+count read)", layout, 0, 0),
-                phase("step: control message", control, 0, 0),
-                phase("step: pack", pack, 0, 0),
-                phase("step: 8 packs, no sync between", packs, 0, 0),
-                phase("step: 8 Burn adds, no sync between", adds, 0, 0),
-                phase("step: row exchange", exchange_time, bytes, 0),
-                phase("step: expand", expand, 0, 0),
-                phase("step: device sync alone", sync, 0, 0),
-            ]
-            .into_iter()
-            .chain(layer_phases.into_iter().map(|(name, timed, flops)| Phase {
-                flops,
-                ..phase(name, timed, 0, 0)
-            }))
-            .collect())
+                ],
+                rank_major,
+                rank_major_floor,
+                rank_major_combine_floor,
+            );
+            Ok(expert_major
+                .into_iter()
+                .chain(rank_major)
+                .chain([
+                    phase("step: layout (+count read)", layout, 0, 0),
+                    phase("step: control message", control, 0, 0),
+                    phase("step: pack", pack, 0, 0),
+                    phase("step: 8 packs, no sync between", packs, 0, 0),
+                    phase("step: 8 Burn adds, no sync between", adds, 0, 0),
+                    phase("step: row exchange", exchange_time, bytes, 0),
+                    phase("step: expand", expand, 0, 0),
+                    phase("step: device sync alone", sync, 0, 0),
+                ])
+                .chain(layer_phases.into_iter().map(|(name, timed, flops)| Phase {
+                    flops,
+                    ..phase(name, timed, 0, 0)
+                }))
+                .collect())
         },
     );
     let ranks: Vec<Vec<Phase>> = results

@@ -672,7 +672,6 @@ pub trait ExpertParallelBackend: Backend {
     }
 }
 
-/// `out[i, k] = values[positions[i, k]]`, or zero where the position is `-1`.
 /// [`ExpertParallelBackend::ep_batched_matmul`] on Burn's matmul: a transposed
 /// operand is a view with its last two dims swapped.
 pub(crate) fn burn_batched_matmul<B: Backend>(
@@ -691,6 +690,7 @@ pub(crate) fn burn_batched_matmul<B: Backend>(
         .tensor()
 }
 
+/// `out[i, k] = values[positions[i, k]]`, or zero where the position is `-1`.
 fn gather_by_positions<B: Backend>(
     values: Tensor<B, 1>,
     positions: IntTensor<B>,

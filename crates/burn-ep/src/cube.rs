@@ -655,10 +655,7 @@ fn elementwise_count(n: usize) -> CubeCount {
 
 /// A contiguous tensor of `t`'s shape, dtype and device, not initialised.
 fn alloc_like<R: CubeRuntime>(t: &CubeTensor<R>) -> CubeTensor<R> {
-    let shape = t.shape();
-    let bytes = shape.num_elements() * t.dtype.size();
-    let handle = t.client.empty(bytes.max(4));
-    CubeTensor::new_contiguous(t.client.clone(), t.device.clone(), shape, handle, t.dtype)
+    alloc_shaped(&t.client, &t.device, t.shape(), t.dtype)
 }
 
 /// `n` cubes, spread over two dimensions to stay under per-dimension limits
@@ -674,15 +671,19 @@ pub(crate) fn alloc<R: CubeRuntime, const D: usize>(
     shape: [usize; D],
     dtype: DType,
 ) -> CubeTensor<R> {
-    let bytes = shape.iter().product::<usize>() * dtype.size();
+    alloc_shaped(client, device, Shape::new(shape), dtype)
+}
+
+/// A contiguous tensor of `shape`, not initialised.
+fn alloc_shaped<R: CubeRuntime>(
+    client: &ComputeClient<R>,
+    device: &R::Device,
+    shape: Shape,
+    dtype: DType,
+) -> CubeTensor<R> {
+    let bytes = shape.num_elements() * dtype.size();
     let handle = client.empty(bytes.max(4));
-    CubeTensor::new_contiguous(
-        client.clone(),
-        device.clone(),
-        Shape::new(shape),
-        handle,
-        dtype,
-    )
+    CubeTensor::new_contiguous(client.clone(), device.clone(), shape, handle, dtype)
 }
 
 fn dims2<R: CubeRuntime>(t: &CubeTensor<R>) -> [usize; 2] {

@@ -6,7 +6,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
 
 use burn::tensor::{DType, TensorMetadata};
@@ -223,26 +223,21 @@ fn with_handle<T>(
 ) -> Result<T, String> {
     HANDLES.with(|handles| {
         let mut handles = handles.borrow_mut();
-        let handle = match handles.get(&ordinal) {
-            Some(handle) => {
-                unsafe { driver::ctx::set_current(handle.context) }
-                    .map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
-                handle
-            }
-            None => {
-                let context = unsafe {
-                    let device = driver::device::get(ordinal as i32)
-                        .map_err(|e| format!("cuDeviceGet: {e:?}"))?;
-                    let context = driver::primary_ctx::retain(device)
-                        .map_err(|e| format!("cuDevicePrimaryCtxRetain: {e:?}"))?;
-                    driver::ctx::set_current(context)
-                        .map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
-                    context
-                };
+        let set_current = |context| {
+            unsafe { driver::ctx::set_current(context) }
+                .map_err(|e| format!("cuCtxSetCurrent: {e:?}"))
+        };
+        let handle = match handles.entry(ordinal) {
+            Entry::Occupied(made) => made.into_mut(),
+            Entry::Vacant(slot) => {
+                // cuBLAS binds a handle to the context current when it is made.
+                let context = ep_mesh::primary_context(ordinal).map_err(|e| e.to_string())?;
+                set_current(context)?;
                 let handle = cublas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
-                handles.entry(ordinal).or_insert(Handle { handle, context })
+                slot.insert(Handle { handle, context })
             }
         };
+        set_current(handle.context)?;
         unsafe { cublas::set_stream(handle.handle, stream as sys::cudaStream_t) }
             .map_err(|e| format!("cublasSetStream: {e:?}"))?;
         work(handle.handle)

@@ -143,7 +143,7 @@ pub(crate) fn driver(what: &str, e: impl std::fmt::Debug) -> EpError {
 }
 
 /// The primary context of CUDA device `ordinal`: the one CubeCL's CUDA runtime uses.
-pub(crate) fn primary_context(ordinal: usize) -> EpResult<sys::CUcontext> {
+pub fn primary_context(ordinal: usize) -> EpResult<sys::CUcontext> {
     let dev = result::device::get(ordinal as i32).map_err(|e| driver("cuDeviceGet", e))?;
     unsafe { result::primary_ctx::retain(dev) }.map_err(|e| driver("cuDevicePrimaryCtxRetain", e))
 }
@@ -388,6 +388,17 @@ impl CudaPeerComm {
         let bytes_of = |spans: &Vec<Span>| spans.iter().map(|&(_, bytes)| bytes).sum::<usize>();
         let queued = (|| {
             for (dest, (landing, spans)) in landings.iter().zip(send).enumerate() {
+                // Every destination's lengths are checked, those this rank sends
+                // nothing to as well.
+                for (to, &(_, bytes)) in landing.chunks_exact(2).zip(spans) {
+                    let expected = to[1] as usize;
+                    if expected != bytes {
+                        return Err(EpError::Transport(format!(
+                            "rank {me} sends {bytes} bytes to rank {dest}, which expects \
+                             {expected}"
+                        )));
+                    }
+                }
                 if bytes_of(spans) == 0 {
                     continue;
                 }
@@ -397,15 +408,8 @@ impl CudaPeerComm {
                     wait_on(copies, events.ready[dest].0)?;
                 }
                 for (to, &(from, bytes)) in landing.chunks_exact(2).zip(spans) {
-                    let (to, expected) = (to[0], to[1] as usize);
-                    if expected != bytes {
-                        return Err(EpError::Transport(format!(
-                            "rank {me} sends {bytes} bytes to rank {dest}, which expects \
-                             {expected}"
-                        )));
-                    }
                     if bytes > 0 {
-                        self.copy(dest, to, from, bytes)?;
+                        self.copy(dest, to[0], from, bytes)?;
                     }
                 }
                 unsafe { result::event::record(events.copied[me][dest].0, copies) }

@@ -29,7 +29,9 @@ pub mod topology;
 
 pub use control::Control;
 #[cfg(feature = "cuda")]
-pub use cuda_peer::{cuda_device_count, cuda_peer_comms, run_cuda_peer, CudaPeerComm};
+pub use cuda_peer::{
+    cuda_device_count, cuda_peer_comms, primary_context, run_cuda_peer, CudaPeerComm,
+};
 pub use device_exchange::{check_pairing, open_call, DeviceExchange, Pairing, Plane};
 #[cfg(feature = "cuda")]
 pub use hierarchical::{run_process, HierarchicalComm};
