@@ -37,6 +37,10 @@ OPTIONS:
   --dtype D       bf16 | f16 | f32 payload [default: bf16, f32 on ndarray]
   --routing R     uniform | skewed | sentinel (uniform with 10% -1 slots) [default: uniform]
   --alignment A   expert alignment [default: 1]
+  --padding P     aligned | uniform: each local expert's group padded to the
+                  alignment, or all to one row count (EpConfig's
+                  uniform_expert_rows, on which the MoE layer runs its experts
+                  in place) [default: aligned]
   --ffn F         also time burn_ep::moe::MoeLayer (router, dispatch, SwiGLU experts
                   of inner width F, combine), forward and forward+backward [default: off]
   --warmup N      untimed runs first [default: 3]
@@ -69,6 +73,7 @@ struct Options {
     dtype: Option<String>,
     routing: String,
     alignment: usize,
+    uniform_expert_rows: bool,
     ffn: Option<usize>,
     warmup: usize,
     iters: usize,
@@ -87,6 +92,7 @@ fn parse() -> Result<Options, String> {
         dtype: None,
         routing: "uniform".into(),
         alignment: 1,
+        uniform_expert_rows: false,
         ffn: None,
         warmup: 3,
         iters: 50,
@@ -111,6 +117,13 @@ fn parse() -> Result<Options, String> {
             "--dtype" => o.dtype = Some(value),
             "--routing" => o.routing = value,
             "--alignment" => o.alignment = num(&value)?,
+            "--padding" => {
+                o.uniform_expert_rows = match value.as_str() {
+                    "aligned" => false,
+                    "uniform" => true,
+                    other => return Err(format!("--padding {other}: aligned or uniform")),
+                }
+            }
             "--ffn" => o.ffn = Some(num(&value)?),
             "--warmup" => o.warmup = num(&value)?,
             "--iters" => o.iters = num(&value)?,
@@ -185,6 +198,7 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
 ) -> Vec<Phase> {
     let config = EpConfig::new(o.ranks, o.experts, o.top_k, hidden)
         .with_expert_alignment(o.alignment)
+        .with_uniform_expert_rows(o.uniform_expert_rows)
         .with_max_tokens_per_rank(tokens.max(1));
     let (pattern, sentinels) = match o.routing.as_str() {
         "skewed" => (RoutingPattern::Skewed, SentinelPattern::None),
@@ -285,9 +299,42 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
                         let _ = out.out.backward();
                     });
                     let flops = moe_flops(o, tokens, hidden, ffn);
+                    // The forward's parts, each timed alone: where its time goes.
+                    let routed = layer.router.forward(x.clone());
+                    let d = group
+                        .dispatch(
+                            x.clone(),
+                            routed.topk_idx.clone(),
+                            routed.topk_weights.clone(),
+                        )
+                        .unwrap();
+                    let offsets = d.routing.expert_offsets().to_vec();
+                    let y = layer.experts.forward(d.rows.clone(), &offsets);
+                    let router = timed(&mut || {
+                        layer.router.forward(x.clone());
+                    });
+                    let dispatch = timed(&mut || {
+                        group
+                            .dispatch(
+                                x.clone(),
+                                routed.topk_idx.clone(),
+                                routed.topk_weights.clone(),
+                            )
+                            .unwrap();
+                    });
+                    let experts = timed(&mut || {
+                        layer.experts.forward(d.rows.clone(), &offsets);
+                    });
+                    let combine = timed(&mut || {
+                        group.combine(y.clone(), &d.routing).unwrap();
+                    });
                     vec![
                         ("moe layer forward", forward, flops),
                         ("moe layer fwd+bwd", backward, 3 * flops),
+                        ("moe layer: router", router, 0),
+                        ("moe layer: dispatch", dispatch, 0),
+                        ("moe layer: experts", experts, flops),
+                        ("moe layer: combine", combine, 0),
                     ]
                 }
                 None => Vec::new(),
@@ -534,8 +581,14 @@ fn main() {
         _ => DType::F32,
     };
     println!(
-        "burn-ep bench: backend {}, {} ranks, H={hidden}, K={}, E={}, {dtype:?}, routing {}, {} transport",
-        o.backend, o.ranks, o.top_k, o.experts, o.routing, o.transport
+        "burn-ep bench: backend {}, {} ranks, H={hidden}, K={}, E={}, {dtype:?}, routing {}, {} transport, {} padding",
+        o.backend,
+        o.ranks,
+        o.top_k,
+        o.experts,
+        o.routing,
+        o.transport,
+        if o.uniform_expert_rows { "uniform" } else { "aligned" }
     );
     let rates = rates(&o);
     if rates.device.is_none() {

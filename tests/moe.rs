@@ -196,13 +196,19 @@ struct LayerStep {
 /// Runs `moe` on `batches[rank]` (micro-batches of `[tokens, H]` values) on every
 /// rank of a group of `batches.len()`, all micro-batches in one graph, one
 /// backward of `sum over micro-batches of |out|²`.
-fn layer_step<B>(moe: &MoeConfig, gate: Option<&[f32]>, batches: &[Vec<Vec<f32>>]) -> Vec<LayerStep>
+fn layer_step<B>(
+    moe: &MoeConfig,
+    gate: Option<&[f32]>,
+    batches: &[Vec<Vec<f32>>],
+    uniform: bool,
+) -> Vec<LayerStep>
 where
     B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend,
 {
     let world = batches.len();
     let h = moe.hidden;
-    let config = EpConfig::new(world, moe.num_experts, moe.top_k, h);
+    let config =
+        EpConfig::new(world, moe.num_experts, moe.top_k, h).with_uniform_expert_rows(uniform);
     let device = B::Device::default();
     run_group::<B, _, _>(&config, &device, |group| {
         let mut layer = moe.init::<B>(group.rank(), world, 9, &device);
@@ -260,14 +266,15 @@ fn check_against_one_rank<B>(
     moe: &MoeConfig,
     gate: Option<&[f32]>,
     batches: &[Vec<Vec<f32>>],
+    uniform: bool,
 ) -> Vec<LayerStep>
 where
     B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend,
 {
-    let ep = layer_step::<B>(moe, gate, batches);
+    let ep = layer_step::<B>(moe, gate, batches, uniform);
     let alone: Vec<LayerStep> = batches
         .iter()
-        .map(|b| layer_step::<B>(moe, gate, std::slice::from_ref(b)).remove(0))
+        .map(|b| layer_step::<B>(moe, gate, std::slice::from_ref(b), uniform).remove(0))
         .collect();
     let world = batches.len();
     for (rank, (e, a)) in ep.iter().zip(&alone).enumerate() {
@@ -306,18 +313,21 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 /// A rank with no tokens: the layer returns `[0, H]`, joins every exchange, and the
 /// backward pass completes with the gradients of the one-rank layer.
 #[rstest]
-fn moe_layer_on_a_rank_with_no_tokens(#[values(Which::NdArray, Which::Cube)] which: Which) {
+fn moe_layer_on_a_rank_with_no_tokens(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(false, true)] uniform: bool,
+) {
     if runs_here(which) {
-        no_tokens_on_rank_one(which);
+        no_tokens_on_rank_one(which, uniform);
     }
 }
 
-fn no_tokens_on_rank_one(which: Which) {
+fn no_tokens_on_rank_one(which: Which, uniform: bool) {
     let moe = MoeConfig::new(6, 10, 8, 2);
     let batches = vec![vec![values(5 * 6, 1)], vec![vec![]]];
     let ep = match which {
-        Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, None, &batches),
-        Which::Cube => check_against_one_rank::<Autodiff<Cube>>(&moe, None, &batches),
+        Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, None, &batches, uniform),
+        Which::Cube => check_against_one_rank::<Autodiff<Cube>>(&moe, None, &batches, uniform),
     };
     assert!(ep[1].outs[0].is_empty(), "rank 1's output is [0, H]");
 }
@@ -326,8 +336,13 @@ fn no_tokens_on_rank_one(which: Which) {
 /// rank 0's experts and batch B's rank 1's (a sigmoid router without
 /// renormalisation, whose gate is set to make that choice): each rank receives
 /// nothing in one micro-batch, so the ranks' graphs differ in depth.
+/// With uniform expert groups, each rank's experts run on the dispatched rows in
+/// place (batch A fills rank 0's two experts with two rows each).
 #[rstest]
-fn moe_layer_on_two_micro_batches(#[values(Which::NdArray, Which::Cube)] which: Which) {
+fn moe_layer_on_two_micro_batches(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(false, true)] uniform: bool,
+) {
     if !runs_here(which) {
         return;
     }
@@ -345,8 +360,10 @@ fn moe_layer_on_two_micro_batches(#[values(Which::NdArray, Which::Cube)] which: 
         .map(|rank| vec![token([1.0, 0.0], 10 + rank), token([0.0, 1.0], 20 + rank)])
         .collect();
     let ep = match which {
-        Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, Some(&gate), &batches),
-        Which::Cube => check_against_one_rank::<Autodiff<Cube>>(&moe, Some(&gate), &batches),
+        Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, Some(&gate), &batches, uniform),
+        Which::Cube => {
+            check_against_one_rank::<Autodiff<Cube>>(&moe, Some(&gate), &batches, uniform)
+        }
     };
     for step in &ep {
         assert_eq!(
@@ -412,19 +429,24 @@ fn silu(v: f32) -> f32 {
 }
 
 /// `GroupedExperts` on expert-major rows against SwiGLU on the host, forward and
-/// backward, for the group sizes `counts` (zero rows of alignment padding after
-/// each group where `pads`). Even counts run the experts as batched products over a
-/// capacity layout; very uneven ones (slots more than twice the rows) one expert at
-/// a time: both are held to the host answer.
-fn grouped_experts_match_host<B>(counts: &[usize], pads: usize, tolerance: f32)
+/// backward, for the group sizes `counts` (zero rows after each group as `pads`
+/// says). Uniform groups run the experts as batched products on the rows in place;
+/// other even counts over a capacity layout; very uneven ones (slots more than
+/// twice the rows) one expert at a time: all are held to the host answer.
+fn grouped_experts_match_host<B>(counts: &[usize], pads: Pads, tolerance: f32)
 where
     B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend,
 {
     let (h, f, local) = (6, 5, counts.len());
     let device: B::Device = Default::default();
+    let largest = counts.iter().copied().max().unwrap();
     let mut offsets = vec![0];
     for &c in counts {
-        offsets.push(offsets.last().unwrap() + c + pads);
+        let rows = match pads {
+            Pads::After(pads) => c + pads,
+            Pads::ToOneCount(extra) => largest + extra,
+        };
+        offsets.push(offsets.last().unwrap() + rows);
     }
     let rows_n = *offsets.last().unwrap();
     let mut x = values(rows_n * h, 31);
@@ -506,12 +528,28 @@ where
     }
 }
 
+/// The zero rows after each expert's group.
+#[derive(Debug, Clone, Copy)]
+enum Pads {
+    /// This many after every group.
+    After(usize),
+    /// Up to one count for all, the largest group's plus this many: the groups are
+    /// uniform, and the experts run on the rows in place.
+    ToOneCount(usize),
+}
+
 #[rstest]
 fn grouped_experts_match_swiglu_on_the_host(
     #[values(Which::NdArray, Which::Cube)] which: Which,
     // Even (batched), with an empty expert (batched), all on one expert (one at a time).
     #[values(&[3, 4, 2, 3][..], &[5, 0, 4, 6][..], &[9, 0, 0, 1][..])] counts: &[usize],
-    #[values(0, 2)] pads: usize,
+    #[values(
+        Pads::After(0),
+        Pads::After(2),
+        Pads::ToOneCount(0),
+        Pads::ToOneCount(3)
+    )]
+    pads: Pads,
 ) {
     if !runs_here(which) {
         return;

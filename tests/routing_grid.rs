@@ -62,6 +62,27 @@ fn routing_grid(
     check_grid(which, config, 29, pattern, sentinels);
 }
 
+/// Uniform expert groups (every local expert's rows padded to one count): the rows,
+/// weights, combine and replay against the reference, which pads the same way.
+#[rstest]
+fn uniform_expert_rows(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(2, 4)] world: usize,
+    #[values(1, 8)] alignment: usize,
+    #[values(
+        RoutingPattern::Uniform,
+        RoutingPattern::Skewed,
+        RoutingPattern::AllToOneRank,
+        RoutingPattern::EmptyExperts
+    )]
+    pattern: RoutingPattern,
+) {
+    let config = EpConfig::new(world, 4 * world, 3, 12)
+        .with_expert_alignment(alignment)
+        .with_uniform_expert_rows(true);
+    check_grid(which, config, 29, pattern, SentinelPattern::RandomTenth);
+}
+
 #[rstest]
 fn single_rank_and_wide_top_k(
     #[values(Which::NdArray, Which::Cube)] which: Which,

@@ -24,7 +24,15 @@ OPTIONS:
   --sp S           sequence-parallel size (pads the tokens per rank) [default: 1]
   --transport T    local | cuda-peer (rows by device copies; --backend cuda) |
                    nccl | hierarchical (one GPU per rank; --backend cuda) [default: local]
-  --help           this text";
+  --size S         small | gpu: the model and batch below, or one whose MoE layers
+                   are GPU-sized (hidden 1024, 64 experts of width 1408, top-6,
+                   8192 tokens per step) [default: small]
+  --hidden H --ffn F --experts E --top-k K --layers L --tokens N --vocab V
+                   override one figure of the size (N: tokens per step, all ranks)
+  --help           this text
+
+Prints the loss, tokens per second and the model's TFLOP/s (forward and backward
+products, per second of the whole run, compilation of the kernels included).";
 
 fn run<B: AutodiffBackend + ExpertParallelBackend>(
     config: &TrainConfig,
@@ -35,6 +43,9 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
 ) {
     let ep = EpConfig::new(ranks, config.num_experts, config.top_k, config.hidden)
         .with_max_tokens_per_rank(config.global_tokens)
+        // One row count for every local expert: the MoE layer runs its experts
+        // on the dispatched rows in place.
+        .with_uniform_expert_rows(true)
         .with_sp_size(config.sp_size);
     let start = Instant::now();
     let timeout = Duration::from_secs(300);
@@ -72,12 +83,19 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
         }
     };
     let (first, last) = (&history[0], history.last().unwrap());
+    let seconds = start.elapsed().as_secs_f64();
     println!(
-        "trained {steps} steps on {ranks} ranks in {:.1}s: loss {:.4} -> {:.4} (chance: {:.4})",
-        start.elapsed().as_secs_f64(),
+        "trained {steps} steps on {ranks} ranks in {seconds:.1}s: loss {:.4} -> {:.4} (chance: {:.4})",
         first.loss,
         last.loss,
         (config.vocab as f32).ln()
+    );
+    let tokens = (steps * config.global_tokens) as f64;
+    println!(
+        "{:.0} tokens/s, {:.2} TFLOP/s ({:.1} GFLOP per step over all ranks: the router, expert and head products, forward and backward)",
+        tokens / seconds,
+        steps as f64 * config.step_flops() as f64 / seconds / 1e12,
+        config.step_flops() as f64 / 1e9,
     );
     println!("expert loads at the last step (token-expert pairs per expert, whole group):");
     let local = config.num_experts / ranks;
@@ -93,7 +111,19 @@ fn main() {
     let mut steps = 300;
     let mut transport = Transport::Local;
     let mut config = TrainConfig::default();
-    let mut args = std::env::args().skip(1);
+    let all: Vec<String> = std::env::args().skip(1).collect();
+    // The size first, so that the figures given beside it override its own.
+    if let Some(i) = all.iter().position(|a| a == "--size") {
+        config = match all.get(i + 1).map(String::as_str) {
+            Some("small") => TrainConfig::default(),
+            Some("gpu") => TrainConfig::gpu(),
+            other => {
+                eprintln!("train_moe: --size {}: small or gpu", other.unwrap_or(""));
+                std::process::exit(2)
+            }
+        }
+    }
+    let mut args = all.into_iter();
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
             println!("{HELP}");
@@ -110,6 +140,14 @@ fn main() {
             })
         };
         match flag.as_str() {
+            "--size" => {}
+            "--hidden" => config.hidden = number(),
+            "--ffn" => config.ffn_hidden = number(),
+            "--experts" => config.num_experts = number(),
+            "--top-k" => config.top_k = number(),
+            "--layers" => config.layers = number(),
+            "--tokens" => config.global_tokens = number(),
+            "--vocab" => config.vocab = number(),
             "--ranks" => ranks = number(),
             "--steps" => steps = number().max(1),
             "--sp" => config.sp_size = number(),

@@ -49,6 +49,31 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// A model whose MoE layers are GPU-sized: a DeepSeek-V2-Lite-like expert
+    /// shape at half its hidden size.
+    pub fn gpu() -> Self {
+        Self {
+            vocab: 1024,
+            hidden: 1024,
+            ffn_hidden: 1408,
+            num_experts: 64,
+            top_k: 6,
+            layers: 2,
+            global_tokens: 8192,
+            ..Self::default()
+        }
+    }
+
+    /// The flops of one optimizer step over the whole group: per token, the
+    /// router's, the top-k SwiGLU experts' and the head's products, forward and
+    /// backward (twice the forward).
+    pub fn step_flops(&self) -> usize {
+        let (h, f) = (self.hidden, self.ffn_hidden);
+        let per_layer = 2 * h * self.num_experts + self.top_k * 3 * 2 * h * f;
+        let forward = self.global_tokens * (self.layers * per_layer + 2 * h * self.vocab);
+        3 * forward
+    }
+
     pub fn moe(&self) -> MoeConfig {
         MoeConfig::new(self.hidden, self.ffn_hidden, self.num_experts, self.top_k)
     }
@@ -156,18 +181,17 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int
     picked.mean().neg()
 }
 
-/// Sums the gradients of every parameter shared by all ranks over the group
-/// (the experts' parameters stay local), in the modules' visiting order.
-struct SumSharedGrads<'a, B: AutodiffBackend + ExpertParallelBackend> {
+/// Takes the gradient of every parameter shared by all ranks (the experts'
+/// parameters stay local) out of `grads`, flattened, in the modules' visiting order.
+struct TakeSharedGrads<'a, B: AutodiffBackend> {
     grads: &'a mut GradientsParams,
     skip: Vec<ParamId>,
-    group: &'a EpGroup<B>,
-    error: Option<burn_ep::EpError>,
+    taken: Vec<Tensor<B::InnerBackend, 1>>,
 }
 
-impl<B: AutodiffBackend + ExpertParallelBackend> ModuleVisitor<B> for SumSharedGrads<'_, B> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for TakeSharedGrads<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.skip.contains(&param.id) || self.error.is_some() {
+        if self.skip.contains(&param.id) {
             return;
         }
         let value = param.val();
@@ -177,15 +201,75 @@ impl<B: AutodiffBackend + ExpertParallelBackend> ModuleVisitor<B> for SumSharedG
             .grads
             .remove(param.id)
             .unwrap_or_else(|| Tensor::zeros(shape, &device));
-        let values: Vec<f32> = grad.into_data().convert::<f32>().to_vec().unwrap();
-        match self.group.all_reduce_sum(values) {
-            Ok(sum) => self.grads.register::<B::InnerBackend, D>(
-                param.id,
-                Tensor::from_data(TensorData::new(sum, shape), &device),
-            ),
-            Err(e) => self.error = Some(e),
-        }
+        self.taken
+            .push(grad.reshape([shape.iter().product::<usize>()]));
     }
+}
+
+/// Puts the summed gradients back, in the order [`TakeSharedGrads`] took them.
+struct PutSharedGrads<'a, B: AutodiffBackend> {
+    grads: &'a mut GradientsParams,
+    skip: Vec<ParamId>,
+    /// Every shared gradient, one after another.
+    summed: &'a [f32],
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for PutSharedGrads<'_, B> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.skip.contains(&param.id) {
+            return;
+        }
+        let shape = param.val().dims();
+        let (mine, rest) = self.summed.split_at(shape.iter().product());
+        self.summed = rest;
+        let grad = TensorData::new(mine.to_vec(), shape);
+        self.grads
+            .register::<B::InnerBackend, D>(param.id, Tensor::from_data(grad, &self.device));
+    }
+}
+
+/// One all-reduce for the step: the loss, every shared gradient and the expert
+/// loads travel in one message, read from the device in one host read. Replaces
+/// the shared gradients in `grads` with their sums; returns the summed loss and
+/// loads.
+fn sum_over_group<B: AutodiffBackend + ExpertParallelBackend>(
+    model: &MoeLm<B>,
+    grads: &mut GradientsParams,
+    loss: Tensor<B::InnerBackend, 1>,
+    loads: &[Vec<usize>],
+    group: &EpGroup<B>,
+) -> EpResult<(f32, Vec<Vec<usize>>)> {
+    let skip = model.rank_only_params();
+    let mut take = TakeSharedGrads::<B> {
+        grads,
+        skip: skip.clone(),
+        taken: vec![loss],
+    };
+    model.visit(&mut take);
+    let on_device = Tensor::cat(take.taken, 0);
+    let mut values: Vec<f32> = on_device.into_data().convert::<f32>().to_vec().unwrap();
+    values.extend(loads.iter().flatten().map(|&l| l as f32));
+    let summed = group.all_reduce_sum(values)?;
+    let load_values = loads.iter().map(Vec::len).sum::<usize>();
+    let (tensors, summed_loads) = summed.split_at(summed.len() - load_values);
+    let mut put = PutSharedGrads::<B> {
+        grads,
+        skip,
+        summed: &tensors[1..],
+        device: group.device().clone(),
+    };
+    model.visit(&mut put);
+    let mut rest = summed_loads;
+    let loads = loads
+        .iter()
+        .map(|layer| {
+            let (mine, after) = rest.split_at(layer.len());
+            rest = after;
+            mine.iter().map(|&v| v as usize).collect()
+        })
+        .collect();
+    Ok((tensors[0], loads))
 }
 
 /// What one optimizer step reports (the same on every rank).
@@ -225,7 +309,7 @@ where
             loads,
         } = model.forward(tokens, group)?;
         let ce = cross_entropy(logits, targets);
-        let ce_value: f32 = ce.clone().into_data().convert::<f32>().to_vec().unwrap()[0];
+        let ce_value = ce.clone().inner();
         let loss = match aux {
             Some(aux) => ce + aux,
             None => ce,
@@ -234,30 +318,19 @@ where
         // over the ranks by construction, shared ones through the all-reduce.
         let grads = (loss / world as f64).backward();
         let mut grads = GradientsParams::from_grads(grads, &model);
-        let mut summer = SumSharedGrads {
-            grads: &mut grads,
-            skip: model.rank_only_params(),
-            group,
-            error: None,
-        };
-        model.visit(&mut summer);
-        if let Some(e) = summer.error {
-            return Err(e);
-        }
+        let (loss_sum, global_loads) = sum_over_group(&model, &mut grads, ce_value, &loads, group)?;
+        let global_loss = loss_sum / world as f32;
         model = if config.sgd {
             sgd.step(config.learning_rate, model, grads)
         } else {
             adamw.step(config.learning_rate, model, grads)
         };
-        let global_loss = group.all_reduce_sum(vec![ce_value])?[0] / world as f32;
-        let mut global_loads = Vec::new();
-        let mut blocks = Vec::new();
-        for (block, load) in model.blocks.into_iter().zip(&loads) {
-            let summed = group.all_reduce_sum(load.iter().map(|&l| l as f32).collect())?;
-            let summed: Vec<usize> = summed.into_iter().map(|v| v as usize).collect();
-            blocks.push(block.update_bias(&summed));
-            global_loads.push(summed);
-        }
+        let blocks = model
+            .blocks
+            .into_iter()
+            .zip(&global_loads)
+            .map(|(block, load)| block.update_bias(load))
+            .collect();
         model.blocks = blocks;
         let r = StepReport {
             step,

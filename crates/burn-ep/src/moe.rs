@@ -10,6 +10,7 @@ use burn::module::{Module, Param, ParamId};
 use burn::tensor::activation::{sigmoid, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive};
+use ep_core::padding::uniform_group_rows;
 use ep_core::synthetic::SplitMix64;
 use ep_core::EpResult;
 
@@ -145,19 +146,37 @@ impl<B: ExpertParallelBackend> GroupedExperts<B> {
     /// in [`crate::Routing::expert_offsets`]); pad rows stay zero. Zero rows come
     /// back as they are, still in the autodiff graph.
     ///
-    /// The experts run as three batched products over a capacity layout (every
-    /// expert's rows padded with zero rows to one count, see [`Capacity`]): one
-    /// launch per projection instead of one per expert. Where that padding would
-    /// more than double the rows (routing very uneven across this rank's experts),
-    /// each expert runs on its own rows instead.
+    /// The experts run as three batched products, one launch per projection
+    /// instead of one per expert:
+    /// - on the rows as they are, where every group has one row count (a group
+    ///   made with [`ep_core::EpConfig::with_uniform_expert_rows`]);
+    /// - else over a capacity layout that the rows are copied into (every expert's
+    ///   rows padded with zero rows to one count, see [`Capacity`]).
+    ///
+    /// Where that padding would more than double the rows (routing very uneven
+    /// across this rank's experts), each expert runs on its own rows instead.
     pub fn forward(&self, rows: Tensor<B, 2>, offsets: &[usize]) -> Tensor<B, 2> {
-        if rows.dims()[0] == 0 {
+        let [n, hidden] = rows.dims();
+        if n == 0 {
             return rows;
+        }
+        if let Some(c) = uniform_groups(offsets) {
+            let local = offsets.len() - 1;
+            return self
+                .forward_groups(rows.reshape([local, c, hidden]))
+                .reshape([n, hidden]);
         }
         match Capacity::of(offsets) {
             Some(capacity) => self.forward_batched(rows, &capacity),
             None => self.forward_each(rows, offsets),
         }
+    }
+
+    /// The three products on `[local, rows, H]`, each expert on its group.
+    fn forward_groups(&self, groups: Tensor<B, 3>) -> Tensor<B, 3> {
+        let gate = batched_matmul(groups.clone(), self.w_gate.val());
+        let up = batched_matmul(groups, self.w_up.val());
+        batched_matmul(swiglu(gate, up), self.w_down.val())
     }
 
     /// All experts at once on `[local, capacity, H]`.
@@ -180,9 +199,7 @@ impl<B: ExpertParallelBackend> GroupedExperts<B> {
         );
         let slots_in = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(placed))
             .reshape([local, c, hidden]);
-        let gate = batched_matmul(slots_in.clone(), self.w_gate.val());
-        let up = batched_matmul(slots_in, self.w_up.val());
-        let out = batched_matmul(swiglu(gate, up), self.w_down.val());
+        let out = self.forward_groups(slots_in);
         let out = out.reshape([local * c, hidden]).into_primitive().tensor();
         Tensor::from_primitive(TensorPrimitive::Float(B::ep_take_rows(
             out, slots, unfilled,
@@ -228,13 +245,19 @@ fn swiglu<B: ExpertParallelBackend>(gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Ten
     )))
 }
 
+/// The row count of every group starting at `offsets`, where all have one and it
+/// is not zero.
+fn uniform_groups(offsets: &[usize]) -> Option<usize> {
+    let rows = offsets.get(1)? - offsets[0];
+    (rows > 0 && offsets.windows(2).all(|w| w[1] - w[0] == rows)).then_some(rows)
+}
+
 /// The capacity layout of one rank's expert-major rows: every local expert gets
 /// `rows` slots, at least its count, so that the experts run as one batched product.
 #[derive(Debug, Clone, PartialEq)]
 struct Capacity {
     local: usize,
-    /// Slots per expert: the largest group, rounded up to a bucket (an eighth of
-    /// its power of two), so that nearby counts share one shape.
+    /// Slots per expert: [`ep_core::padding::uniform_group_rows`] of the counts.
     rows: usize,
     /// The slot of every expert-major row: expert `j`'s `i`-th row goes to
     /// `j * rows + i`.
@@ -249,13 +272,7 @@ impl Capacity {
     fn of(offsets: &[usize]) -> Option<Self> {
         let local = offsets.len() - 1;
         let counts: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
-        let largest = counts.iter().copied().max().unwrap_or(0);
-        let bucket = (largest.next_power_of_two() / 8).max(1);
-        let rows = largest.div_ceil(bucket) * bucket;
-        let total = offsets[local];
-        if total == 0 || local * rows > 2 * total {
-            return None;
-        }
+        let rows = uniform_group_rows(&counts, 1)?;
         let slot_of_row = counts
             .iter()
             .enumerate()
@@ -406,7 +423,15 @@ impl<B: Backend> MoeLayer<B> {
 
 #[cfg(test)]
 mod tests {
-    use super::Capacity;
+    use super::{uniform_groups, Capacity};
+
+    #[test]
+    fn uniform_groups_are_equal_and_not_empty() {
+        assert_eq!(uniform_groups(&[0, 4, 8, 12]), Some(4));
+        assert_eq!(uniform_groups(&[0, 4, 8, 11]), None);
+        assert_eq!(uniform_groups(&[0, 0, 0]), None);
+        assert_eq!(uniform_groups(&[0]), None);
+    }
 
     #[test]
     fn capacity_pads_every_expert_to_the_largest_bucketed() {

@@ -21,6 +21,11 @@ pub struct EpConfig {
     pub expert_alignment: usize,
     /// Sequence-parallel degree: the token dimension is padded to a multiple of it.
     pub sp_size: usize,
+    /// Pad every local expert's group to one row count (see
+    /// [`EpConfig::expert_offsets`]), so that the experts run as one batched product
+    /// on `[local experts, rows, hidden]`.
+    #[serde(default)]
+    pub uniform_expert_rows: bool,
 }
 
 impl EpConfig {
@@ -35,6 +40,7 @@ impl EpConfig {
             max_tokens_per_rank: 4096,
             expert_alignment: 1,
             sp_size: 1,
+            uniform_expert_rows: false,
         }
     }
 
@@ -55,6 +61,11 @@ impl EpConfig {
 
     pub fn with_sp_size(mut self, sp_size: usize) -> Self {
         self.sp_size = sp_size;
+        self
+    }
+
+    pub fn with_uniform_expert_rows(mut self, uniform: bool) -> Self {
+        self.uniform_expert_rows = uniform;
         self
     }
 
@@ -115,12 +126,24 @@ impl EpConfig {
 
     /// Where each local expert's group starts in the expert-major rows, and where
     /// the last ends (`counts.len() + 1` entries): groups of `counts` rows, each
-    /// padded to the expert alignment.
+    /// padded to the expert alignment, or all to [`Self::uniform_rows`] where the
+    /// config asks for uniform groups and that count exists.
     pub fn expert_offsets(&self, counts: &[usize]) -> Vec<usize> {
+        let uniform = self
+            .uniform_expert_rows
+            .then(|| self.uniform_rows(counts))
+            .flatten();
         let mut offsets = vec![0];
         for &count in counts {
-            offsets.push(offsets.last().unwrap() + self.aligned(count));
+            let rows = uniform.unwrap_or_else(|| self.aligned(count));
+            offsets.push(offsets.last().unwrap() + rows);
         }
         offsets
+    }
+
+    /// The one row count of every group in a uniform layout, or `None` where the
+    /// groups stay padded to the alignment: see [`crate::padding::uniform_group_rows`].
+    pub fn uniform_rows(&self, counts: &[usize]) -> Option<usize> {
+        crate::padding::uniform_group_rows(counts, self.expert_alignment)
     }
 }

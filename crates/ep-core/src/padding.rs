@@ -1,8 +1,10 @@
-//! Sequence-parallel padding of the token dimension.
+//! Padding arithmetic.
 //!
-//! When the token count is not a multiple of `sp_size`, it is padded up. Pad rows
-//! carry `-1` in every top-k slot, so they move no bytes and reach no expert, and
-//! combine slices them off again.
+//! - Sequence parallelism: when the token count is not a multiple of `sp_size`, it
+//!   is padded up. Pad rows carry `-1` in every top-k slot, so they move no bytes
+//!   and reach no expert, and combine slices them off again.
+//! - Uniform expert groups: every expert's rows padded to one count, so that the
+//!   experts run as one batched product.
 
 /// The token count after padding `tokens` up to a multiple of `sp_size`.
 pub fn sp_padded_tokens(tokens: usize, sp_size: usize) -> usize {
@@ -22,9 +24,45 @@ pub fn pad_topk_idx(topk_idx: &[i64], top_k: usize, sp_size: usize) -> Vec<i64> 
     out
 }
 
+/// The one row count every group of `counts` pads to in a uniform layout: the
+/// largest count rounded up to a bucket (an eighth of its next power of two, so that
+/// nearby counts share a shape and a batched product is not planned anew for each)
+/// and to `alignment`. `None` where there are no rows, or where that would more
+/// than double the rows of groups padded to `alignment` only (routing too uneven
+/// across the experts).
+pub fn uniform_group_rows(counts: &[usize], alignment: usize) -> Option<usize> {
+    let aligned = |c: usize| c.div_ceil(alignment) * alignment;
+    let largest = counts.iter().copied().max().unwrap_or(0);
+    let aligned_total: usize = counts.iter().map(|&c| aligned(c)).sum();
+    let bucket = (largest.next_power_of_two() / 8).max(1);
+    let rows = aligned(largest.div_ceil(bucket) * bucket);
+    (largest > 0 && counts.len() * rows <= 2 * aligned_total).then_some(rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uniform_groups_take_the_largest_bucketed_and_aligned() {
+        // Counts 3, 4, 0: 4 each.
+        assert_eq!(uniform_group_rows(&[3, 4, 0], 1), Some(4));
+        // 100 and 90: bucket 128 / 8 = 16, so 112 each; aligned to 64, 128.
+        assert_eq!(uniform_group_rows(&[100, 90], 1), Some(112));
+        assert_eq!(uniform_group_rows(&[100, 90], 64), Some(128));
+        // 384 (a power of two's multiple of its bucket 64) stays.
+        assert_eq!(uniform_group_rows(&[384, 300], 1), Some(384));
+    }
+
+    #[test]
+    fn uniform_groups_decline_when_they_would_double_the_rows() {
+        // Four experts, one with 9 of the 10 rows: 4 x 10 slots.
+        assert_eq!(uniform_group_rows(&[9, 0, 0, 1], 1), None);
+        assert_eq!(uniform_group_rows(&[0, 0], 1), None);
+        assert_eq!(uniform_group_rows(&[], 1), None);
+        // Against the aligned rows: 4 groups of 8 pad to 32 either way.
+        assert_eq!(uniform_group_rows(&[5, 0, 0, 1], 8), Some(8));
+    }
 
     #[test]
     fn padded_counts() {

@@ -1,7 +1,7 @@
 //! The plain-Rust reference of dispatch, cached dispatch and combine over `W` ranks
 //! held in memory. It is the test oracle: it defines the contract of DESIGN.md
 //! (sentinels, one copy per rank, deterministic order, expert-major output with
-//! alignment padding, weighted combine, replay) in the most direct code possible,
+//! alignment or uniform padding, weighted combine, replay) in the most direct code possible,
 //! and shares no layout code with the backends.
 //!
 //! Floating-point sums are taken in the order the backends use, so f32 results
@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 
-use crate::{validate, EpConfig, EpResult};
+use crate::{padding, validate, EpConfig, EpResult};
 
 /// One rank's inputs, row-major.
 #[derive(Debug, Clone, PartialEq)]
@@ -97,22 +97,32 @@ fn routing_of(config: &EpConfig, batches: &[RankBatch], dest: usize) -> Referenc
             }
         }
     }
-    let mut rows = Vec::new();
-    let mut expert_counts = Vec::new();
-    for expert in owned {
-        let start = rows.len();
-        for (src, batch) in batches.iter().enumerate() {
-            for token in 0..batch.tokens {
-                for slot in 0..k {
-                    if batch.topk_idx[token * k + slot] == expert as i64 {
-                        rows.push(Some((src, token, slot)));
+    let groups: Vec<Vec<(usize, usize, usize)>> = owned
+        .map(|expert| {
+            let mut group = Vec::new();
+            for (src, batch) in batches.iter().enumerate() {
+                for token in 0..batch.tokens {
+                    for slot in 0..k {
+                        if batch.topk_idx[token * k + slot] == expert as i64 {
+                            group.push((src, token, slot));
+                        }
                     }
                 }
             }
-        }
-        let count = rows.len() - start;
-        expert_counts.push(count);
-        let padded = count.div_ceil(config.expert_alignment) * config.expert_alignment;
+            group
+        })
+        .collect();
+    let expert_counts: Vec<usize> = groups.iter().map(Vec::len).collect();
+    let alignment = config.expert_alignment;
+    let uniform = config
+        .uniform_expert_rows
+        .then(|| padding::uniform_group_rows(&expert_counts, alignment))
+        .flatten();
+    let mut rows = Vec::new();
+    for group in groups {
+        let padded = uniform.unwrap_or(group.len().div_ceil(alignment) * alignment);
+        let start = rows.len();
+        rows.extend(group.into_iter().map(Some));
         rows.resize(start + padded, None);
     }
     ReferenceRouting {

@@ -1,5 +1,6 @@
 //! The contract of DESIGN.md, checked on the reference itself.
 
+use ep_core::padding::uniform_group_rows;
 use ep_core::reference::{self, RankBatch};
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 use ep_core::{EpConfig, EpError};
@@ -28,8 +29,9 @@ fn contract_holds(
         SentinelPattern::LastRankSlots
     )]
     sentinels: SentinelPattern,
+    #[values(false, true)] uniform: bool,
 ) {
-    let config = config(world, alignment);
+    let config = config(world, alignment).with_uniform_expert_rows(uniform);
     let (k, h, local) = (config.top_k, config.hidden_size, config.experts_per_rank());
     let batches = synthetic_batches(&config, 37, pattern, sentinels, 7);
     let out = reference::dispatch(&config, &batches).unwrap();
@@ -48,7 +50,15 @@ fn contract_holds(
             .collect();
         assert_eq!(d.routing.received, expected);
 
-        // Expert-major: groups padded to the alignment, ordered within, pad rows zero.
+        // Expert-major: groups padded to the alignment, or all to one count where
+        // asked and not too uneven; ordered within, pad rows zero.
+        let counts = &d.routing.expert_counts;
+        let one_count = uniform
+            .then(|| uniform_group_rows(counts, alignment))
+            .flatten();
+        if uniform && pattern == RoutingPattern::Uniform && sentinels == SentinelPattern::None {
+            assert!(one_count.is_some(), "even routing pads to one count");
+        }
         let mut start = 0;
         for (j, &count) in d.routing.expert_counts.iter().enumerate() {
             let expert = (dest * local + j) as i64;
@@ -65,7 +75,8 @@ fn contract_holds(
                 .map(|b| b.topk_idx.iter().filter(|&&e| e == expert).count())
                 .sum();
             assert_eq!(count, routed);
-            let padded = count.div_ceil(alignment) * alignment;
+            let padded = one_count.unwrap_or(count.div_ceil(alignment) * alignment);
+            assert!(padded >= count);
             for row in start + count..start + padded {
                 assert_eq!(d.routing.rows[row], None);
                 assert!(d.rows[row * h..(row + 1) * h].iter().all(|&v| v == 0.0));
