@@ -588,3 +588,132 @@ fn swiglu_and_its_gradients_match_plain_rust(#[case] which: Which, #[case] dtype
         Which::Cube => swiglu_matches::<Cube>(dtype),
     }
 }
+
+/// `ep_router` (choice and weights) and its gradient in the logits against plain
+/// Rust in f64: the choice against a sort of `score + bias` (the bias steering it
+/// away from the best scores), the weights against their formula, and the
+/// gradient against central differences of `<weights, seed>` with the choice held.
+fn router_matches<B: ExpertParallelBackend>(scoring: burn_ep::RouterScoring) {
+    use burn::backend::Autodiff;
+    use burn::tensor::Int;
+    type Ad<B> = Autodiff<B>;
+    let device: burn::tensor::Device<B> = Default::default();
+    let (tokens, experts, k) = (9, 12, 3);
+    let mut rng = SplitMix64::new(17);
+    let mut values = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| (rng.next_f32() * 2.0 - 1.0) * scale)
+            .collect()
+    };
+    let (logits, bias, seed) = (
+        values(tokens * experts, 3.0),
+        values(experts, 0.2),
+        values(tokens * k, 1.0),
+    );
+    let logits_t =
+        Tensor::<Ad<B>, 2>::from_data(TensorData::new(logits.clone(), [tokens, experts]), &device)
+            .require_grad();
+    let bias_t = Tensor::<Ad<B>, 1>::from_data(TensorData::new(bias.clone(), [experts]), &device);
+    let (idx, weights) = Ad::<B>::ep_router(
+        logits_t.clone().into_primitive().tensor(),
+        bias_t.into_primitive().tensor(),
+        k,
+        scoring,
+    );
+    let idx: Vec<i64> = Tensor::<Ad<B>, 2, Int>::from_primitive(idx)
+        .into_data()
+        .convert::<i64>()
+        .to_vec()
+        .unwrap();
+    let weights = Tensor::<Ad<B>, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(weights));
+    let seed_t = Tensor::<Ad<B>, 2>::from_data(TensorData::new(seed.clone(), [tokens, k]), &device);
+    let grads = (weights.clone() * seed_t).sum().backward();
+    let got_grad = host(logits_t.grad(&grads).unwrap());
+    let got_weights = host(weights);
+
+    // The host answer, token by token.
+    let scores = |row: &[f64]| -> Vec<f64> {
+        if scoring.sigmoid {
+            row.iter().map(|&l| 1.0 / (1.0 + (-l).exp())).collect()
+        } else {
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            let total: f64 = row.iter().map(|&l| (l - max).exp()).sum();
+            row.iter().map(|&l| (l - max).exp() / total).collect()
+        }
+    };
+    let weights_of = |row: &[f64], chosen: &[usize]| -> Vec<f64> {
+        let s = scores(row);
+        let picked: Vec<f64> = chosen.iter().map(|&e| s[e]).collect();
+        let sum: f64 = picked.iter().sum();
+        let factor = if scoring.renormalize {
+            scoring.scale / (sum + 1e-20)
+        } else {
+            scoring.scale
+        };
+        picked.iter().map(|&p| p * factor).collect()
+    };
+    let (mut want_weights, mut want_grad) = (Vec::new(), Vec::new());
+    for t in 0..tokens {
+        let row: Vec<f64> = logits[t * experts..(t + 1) * experts]
+            .iter()
+            .map(|&v| f64::from(v))
+            .collect();
+        let s = scores(&row);
+        let mut order: Vec<usize> = (0..experts).collect();
+        // Largest first; of equal values the lower expert (a stable sort).
+        order.sort_by(|&a, &b| {
+            (s[b] + f64::from(bias[b]))
+                .partial_cmp(&(s[a] + f64::from(bias[a])))
+                .unwrap()
+        });
+        let chosen = &order[..k];
+        let got: Vec<usize> = idx[t * k..(t + 1) * k]
+            .iter()
+            .map(|&e| e as usize)
+            .collect();
+        assert_eq!(got, chosen, "token {t}: the choice");
+        want_weights.extend(weights_of(&row, chosen).iter().map(|&w| w as f32));
+        let objective = |row: &[f64]| -> f64 {
+            weights_of(row, chosen)
+                .iter()
+                .zip(&seed[t * k..(t + 1) * k])
+                .map(|(w, &g)| w * f64::from(g))
+                .sum()
+        };
+        for e in 0..experts {
+            let h = 1e-5;
+            let (mut up, mut down) = (row.clone(), row.clone());
+            up[e] += h;
+            down[e] -= h;
+            want_grad.push(((objective(&up) - objective(&down)) / (2.0 * h)) as f32);
+        }
+    }
+    let what = format!("{scoring:?}");
+    assert_close(
+        &got_weights,
+        &want_weights,
+        1e-5,
+        &format!("{what}: weights"),
+    );
+    assert_close(&got_grad, &want_grad, 1e-4, &format!("{what}: d/dlogits"));
+}
+
+#[rstest]
+fn router_and_its_gradient_match_plain_rust(
+    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(false, true)] sigmoid: bool,
+    #[values(false, true)] renormalize: bool,
+) {
+    if !runs_here(which) {
+        return;
+    }
+    let scoring = burn_ep::RouterScoring {
+        sigmoid,
+        renormalize,
+        scale: 2.5,
+    };
+    match which {
+        Which::NdArray => router_matches::<NdArray>(scoring),
+        Which::Cube => router_matches::<Cube>(scoring),
+    }
+}

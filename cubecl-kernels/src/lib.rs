@@ -1,7 +1,7 @@
 //! ep-kernels: the CubeCL kernels of burn-ep, one file per family, following
 //! DESIGN.md's data flow: [`layout`] → [`slots`] → [`pack`] → (transport) →
 //! [`expand`]; combine runs [`reduce`] → (transport) → [`sum`]; combine's backward
-//! ends in [`combine_grad`]. The MoE layer's experts use [`topk`] and [`swiglu`].
+//! ends in [`combine_grad`]. The MoE layer's router uses [`router`] (or [`topk`]), its experts [`swiglu`].
 //!
 //! Kernels take flat arrays; the launch code lives with the backend (burn-ep's
 //! `cube` module), which owns the tensors. Integer atomics are limited to adds and
@@ -12,6 +12,7 @@ pub mod expand;
 pub mod layout;
 pub mod pack;
 pub mod reduce;
+pub mod router;
 pub mod slots;
 pub mod sum;
 pub mod swiglu;

@@ -35,6 +35,7 @@ use ep_core::{EpConfig, EpError, EpResult};
 
 use crate::backend::{
     zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows,
+    RouterScoring,
 };
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 use crate::order::PendingToken;
@@ -165,6 +166,41 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
 
     fn ep_topk_indices(scores: FloatTensor<Self>, k: usize) -> IntTensor<Self> {
         B::ep_topk_indices(Self::inner(scores), k)
+    }
+
+    fn ep_router(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        k: usize,
+        scoring: RouterScoring,
+    ) -> (IntTensor<Self>, FloatTensor<Self>) {
+        // The bias steers the choice only: no gradient reaches it.
+        let (idx, weights) = B::ep_router(logits.primitive.clone(), Self::inner(bias), k, scoring);
+        let weights = match RouterBackward
+            .prepare::<C>([logits.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                prep.finish((logits.primitive, idx.clone(), scoring), weights)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(weights),
+        };
+        (idx, weights)
+    }
+
+    fn ep_router_grad(
+        logits: FloatTensor<Self>,
+        topk_idx: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+        scoring: RouterScoring,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::ep_router_grad(
+            Self::inner(logits),
+            topk_idx,
+            Self::inner(grad),
+            scoring,
+        ))
     }
 
     fn ep_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -749,6 +785,28 @@ impl<B: ExpertParallelBackend> Backward<B, 2> for SwigluBackward {
         }
         if let Some(parent) = up_parent {
             register!(B, grads, parent, grad_up);
+        }
+    }
+}
+
+/// `ep_router`: the logits' gradient from the weights', for the saved choice.
+#[derive(Debug)]
+struct RouterBackward;
+
+impl<B: ExpertParallelBackend> Backward<B, 1> for RouterBackward {
+    type State = (FloatTensor<B>, IntTensor<B>, RouterScoring);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [parent] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (logits, idx, scoring) = ops.state;
+        if let Some(parent) = parent {
+            register!(
+                B,
+                grads,
+                parent,
+                B::ep_router_grad(logits, idx, grad, scoring)
+            );
         }
     }
 }

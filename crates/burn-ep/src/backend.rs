@@ -39,6 +39,18 @@ pub enum DispatchLayout {
     RankMajor,
 }
 
+/// How the router turns its logits into scores and weights
+/// ([`ExpertParallelBackend::ep_router`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RouterScoring {
+    /// Sigmoid scores (DeepSeek-V3) instead of a softmax over the experts.
+    pub sigmoid: bool,
+    /// Rescale each token's top-k weights to sum to one.
+    pub renormalize: bool,
+    /// Multiplies the top-k weights.
+    pub scale: f64,
+}
+
 /// The device side of a routing handle: what moving a payload along the route
 /// needs, in forward and backward passes alike. Generic over the int primitive and
 /// device types so that an autodiff backend and its inner backend share it.
@@ -447,6 +459,62 @@ pub trait ExpertParallelBackend: Backend {
             .into_primitive()
     }
 
+    /// The router after its product: from `logits [T, E]`, the scores (softmax over
+    /// the experts or sigmoid), the choice of the `k` largest `score + bias` (`bias
+    /// [E]`, steering the choice only; largest first, of equal values the lower
+    /// expert first) and the chosen scores as weights, renormalised and scaled as
+    /// `scoring` says: `(topk_idx [T, k], topk_weights [T, k])`. The weights are
+    /// differentiable in `logits` (see [`Self::ep_router_grad`]). (This default is
+    /// Burn's ops; CubeCL backends run one kernel each way.)
+    fn ep_router(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        k: usize,
+        scoring: RouterScoring,
+    ) -> (IntTensor<Self>, FloatTensor<Self>) {
+        let scores = router_scores::<Self>(float(logits), scoring.sigmoid);
+        let biased = scores.clone() + float::<Self, 1>(bias).unsqueeze_dim(0);
+        let idx = Self::ep_topk_indices(biased.into_primitive().tensor(), k);
+        let mut weights = scores.gather(1, int::<Self, 2>(idx.clone()));
+        if scoring.renormalize {
+            weights = weights.clone() / (weights.sum_dim(1) + 1e-20);
+        }
+        (idx, (weights * scoring.scale).into_primitive().tensor())
+    }
+
+    /// The gradient of [`Self::ep_router`]'s weights in its logits, `[T, E]`, from
+    /// the weights' gradient `grad [T, k]` and the choice `topk_idx` it made.
+    fn ep_router_grad(
+        logits: FloatTensor<Self>,
+        topk_idx: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+        scoring: RouterScoring,
+    ) -> FloatTensor<Self> {
+        let scores = router_scores::<Self>(float(logits), scoring.sigmoid);
+        let idx = int::<Self, 2>(topk_idx);
+        let grad = float::<Self, 2>(grad) * scoring.scale;
+        let chosen = scores.clone().gather(1, idx.clone());
+        // d(loss)/d(chosen score), through the renormalisation.
+        let d_chosen = if scoring.renormalize {
+            let sum = chosen.clone().sum_dim(1) + 1e-20;
+            let weighted = (grad.clone() * chosen).sum_dim(1);
+            (grad - weighted / sum.clone()) / sum
+        } else {
+            grad
+        };
+        let d_scores =
+            scores
+                .zeros_like()
+                .scatter(1, idx, d_chosen, burn::tensor::IndexingUpdateOp::Add);
+        let d_logits = if scoring.sigmoid {
+            d_scores * scores.clone() * (scores.neg() + 1.0)
+        } else {
+            let dot = (d_scores.clone() * scores.clone()).sum_dim(1);
+            scores * (d_scores - dot)
+        };
+        d_logits.into_primitive().tensor()
+    }
+
     /// Sum: the source side of combine. `back [S, H]` holds what each rank sent back,
     /// in the send buffer's layout; every token sums its rows in rank order.
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
@@ -818,4 +886,13 @@ where
     burn::backend::ndarray::NdArrayTensor:
         From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
 {
+}
+
+/// Softmax over the experts, or sigmoid, of `logits [T, E]` in Burn ops.
+fn router_scores<B: Backend>(logits: Tensor<B, 2>, sigmoid: bool) -> Tensor<B, 2> {
+    if sigmoid {
+        burn::tensor::activation::sigmoid(logits)
+    } else {
+        burn::tensor::activation::softmax(logits, 1)
+    }
 }

@@ -13,9 +13,11 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::features::Plane;
 use cubecl::prelude::*;
 use ep_core::{counters, validate, EpConfig, EpError, EpResult};
-use ep_kernels::{combine_grad, expand, layout, pack, reduce, slots, sum, swiglu, topk};
+use ep_kernels::{combine_grad, expand, layout, pack, reduce, router, slots, sum, swiglu, topk};
 
-use crate::backend::{ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows};
+use crate::backend::{
+    ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows, RouterScoring,
+};
 use crate::cube_exchange::device_exchange;
 use crate::exchange::{host_exchange, host_exchange_record, ExchangeTag, SharedExchange};
 
@@ -507,6 +509,72 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
             );
         }
         indices
+    }
+
+    fn ep_router(
+        logits: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        k: usize,
+        scoring: RouterScoring,
+    ) -> (IntTensor<Self>, FloatTensor<Self>) {
+        let (logits, bias) = (into_contiguous(logits), into_contiguous(bias));
+        let [tokens, experts] = dims2(&logits);
+        let client = logits.client.clone();
+        let indices = alloc::<R, _>(&client, &logits.device, [tokens, k], I::dtype());
+        let weights = alloc::<R, _>(&client, &logits.device, [tokens, k], logits.dtype);
+        if tokens > 0 {
+            counters::kernel_launch();
+            router::router_kernel::launch::<R>(
+                &client,
+                elementwise_count(tokens),
+                CubeDim::new_1d(ELEMENT_BLOCK),
+                logits.clone().into_array_arg(),
+                bias.clone().into_array_arg(),
+                indices.clone().into_array_arg(),
+                weights.clone().into_array_arg(),
+                tokens,
+                experts,
+                scoring.scale as f32,
+                k,
+                scoring.sigmoid,
+                scoring.renormalize,
+                [logits.dtype.into(), I::dtype().into()],
+            );
+        }
+        (indices, weights)
+    }
+
+    fn ep_router_grad(
+        logits: FloatTensor<Self>,
+        topk_idx: IntTensor<Self>,
+        grad: FloatTensor<Self>,
+        scoring: RouterScoring,
+    ) -> FloatTensor<Self> {
+        let [logits, grad] = [logits, grad].map(into_contiguous);
+        let topk_idx = into_contiguous(topk_idx);
+        let [tokens, experts] = dims2(&logits);
+        let k = dims2(&topk_idx)[1];
+        let grad_logits = alloc_like(&logits);
+        if tokens > 0 {
+            counters::kernel_launch();
+            router::router_grad_kernel::launch::<R>(
+                &logits.client,
+                elementwise_count(tokens),
+                CubeDim::new_1d(ELEMENT_BLOCK),
+                logits.clone().into_array_arg(),
+                topk_idx.clone().into_array_arg(),
+                grad.clone().into_array_arg(),
+                grad_logits.clone().into_array_arg(),
+                tokens,
+                experts,
+                scoring.scale as f32,
+                k,
+                scoring.sigmoid,
+                scoring.renormalize,
+                [logits.dtype.into(), topk_idx.dtype.into()],
+            );
+        }
+        grad_logits
     }
 
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {

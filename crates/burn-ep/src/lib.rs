@@ -28,6 +28,7 @@ pub mod zero_size;
 
 pub use backend::{
     DispatchLayout, ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RecordRows, RoutePlan,
+    RouterScoring,
 };
 pub use ep_core::{counters, EpConfig, EpError, EpResult};
 pub use ep_mesh::{

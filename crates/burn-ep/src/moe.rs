@@ -15,7 +15,7 @@ use ep_core::synthetic::SplitMix64;
 use ep_core::EpResult;
 
 use crate::zero_size::zeros_after;
-use crate::{EpGroup, ExpertParallelBackend};
+use crate::{EpGroup, ExpertParallelBackend, RouterScoring};
 
 /// The layer's shape and routing choices.
 #[derive(Config, Debug)]
@@ -79,6 +79,9 @@ impl<B: ExpertParallelBackend> Router<B> {
             self.gate.val().reshape([1, hidden, num_experts]),
         )
         .reshape([tokens, num_experts]);
+        if self.aux_loss_weight <= 0.0 {
+            return self.choose(logits);
+        }
         let scores = if self.sigmoid_scores {
             sigmoid(logits)
         } else {
@@ -110,6 +113,35 @@ impl<B: ExpertParallelBackend> Router<B> {
             topk_idx,
             topk_weights,
             aux_loss,
+        }
+    }
+
+    /// Scores, choice and weights from the logits in burn-ep's fused op (one kernel
+    /// each way on CubeCL backends): the layer's path where no auxiliary loss needs
+    /// the whole score matrix.
+    fn choose(&self, logits: Tensor<B, 2>) -> RouterOutput<B> {
+        let dtype = logits.dtype();
+        let bias = self.bias.val().detach();
+        let bias = if bias.dtype() == dtype {
+            bias
+        } else {
+            bias.cast(dtype)
+        };
+        let scoring = RouterScoring {
+            sigmoid: self.sigmoid_scores,
+            renormalize: self.renormalize,
+            scale: self.score_scale,
+        };
+        let (idx, weights) = B::ep_router(
+            logits.into_primitive().tensor(),
+            bias.into_primitive().tensor(),
+            self.top_k,
+            scoring,
+        );
+        RouterOutput {
+            topk_idx: Tensor::from_primitive(idx),
+            topk_weights: Tensor::from_primitive(TensorPrimitive::Float(weights)),
+            aux_loss: None,
         }
     }
 
