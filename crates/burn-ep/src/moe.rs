@@ -79,46 +79,36 @@ impl<B: ExpertParallelBackend> Router<B> {
             self.gate.val().reshape([1, hidden, num_experts]),
         )
         .reshape([tokens, num_experts]);
-        if self.aux_loss_weight <= 0.0 {
-            return self.choose(logits);
+        let mut routed = self.choose(logits.clone());
+        if self.aux_loss_weight > 0.0 {
+            routed.aux_loss = Some(self.aux_loss(logits, &routed.topk_idx));
         }
+        routed
+    }
+
+    /// Switch-style: `E * sum_e (fraction of pairs routed to e) * (mean score of e)`,
+    /// times the loss's weight; differentiable in the scores.
+    fn aux_loss(&self, logits: Tensor<B, 2>, topk_idx: &Tensor<B, 2, Int>) -> Tensor<B, 1> {
+        let [tokens, num_experts] = logits.dims();
         let scores = if self.sigmoid_scores {
             sigmoid(logits)
         } else {
             softmax(logits, 1)
         };
-        let biased = scores.clone().detach() + self.bias.val().detach().unsqueeze_dim(0);
-        let topk_idx = Tensor::<B, 2, Int>::from_primitive(B::ep_topk_indices(
-            biased.into_primitive().tensor(),
-            self.top_k,
-        ));
-        let mut topk_weights = scores.clone().gather(1, topk_idx.clone());
-        if self.renormalize {
-            topk_weights = topk_weights.clone() / (topk_weights.sum_dim(1) + 1e-20);
-        }
-        topk_weights = topk_weights * self.score_scale;
-        let aux_loss = (self.aux_loss_weight > 0.0).then(|| {
-            // Switch-style: E * sum_e (fraction of pairs routed to e) * (mean score of e).
-            let chosen = Tensor::<B, 2>::zeros([tokens, num_experts], &scores.device()).scatter(
-                1,
-                topk_idx.clone(),
-                Tensor::ones([tokens, self.top_k], &scores.device()),
-                burn::tensor::IndexingUpdateOp::Add,
-            );
-            let fraction = chosen.mean_dim(0).detach() / self.top_k as f64;
-            let mean_score = scores.mean_dim(0);
-            (fraction * mean_score).sum() * (num_experts as f64 * self.aux_loss_weight)
-        });
-        RouterOutput {
-            topk_idx,
-            topk_weights,
-            aux_loss,
-        }
+        let device = scores.device();
+        let chosen = Tensor::<B, 2>::zeros([tokens, num_experts], &device).scatter(
+            1,
+            topk_idx.clone(),
+            Tensor::ones([tokens, self.top_k], &device),
+            burn::tensor::IndexingUpdateOp::Add,
+        );
+        let fraction = chosen.mean_dim(0).detach() / self.top_k as f64;
+        let mean_score = scores.mean_dim(0);
+        (fraction * mean_score).sum() * (num_experts as f64 * self.aux_loss_weight)
     }
 
     /// Scores, choice and weights from the logits in burn-ep's fused op (one kernel
-    /// each way on CubeCL backends): the layer's path where no auxiliary loss needs
-    /// the whole score matrix.
+    /// each way on CubeCL backends); no auxiliary loss.
     fn choose(&self, logits: Tensor<B, 2>) -> RouterOutput<B> {
         let dtype = logits.dtype();
         let bias = self.bias.val().detach();

@@ -126,12 +126,12 @@ impl EpConfig {
 
     /// Where each local expert's group starts in the expert-major rows, and where
     /// the last ends (`counts.len() + 1` entries): groups of `counts` rows, each
-    /// padded to the expert alignment, or all to [`Self::uniform_rows`] where the
-    /// config asks for uniform groups and that count exists.
+    /// padded to the expert alignment, or all to one count where the config asks
+    /// for uniform groups and [`crate::padding::uniform_group_rows`] gives one.
     pub fn expert_offsets(&self, counts: &[usize]) -> Vec<usize> {
         let uniform = self
             .uniform_expert_rows
-            .then(|| self.uniform_rows(counts))
+            .then(|| crate::padding::uniform_group_rows(counts, self.expert_alignment))
             .flatten();
         let mut offsets = vec![0];
         for &count in counts {
@@ -139,11 +139,5 @@ impl EpConfig {
             offsets.push(offsets.last().unwrap() + rows);
         }
         offsets
-    }
-
-    /// The one row count of every group in a uniform layout, or `None` where the
-    /// groups stay padded to the alignment: see [`crate::padding::uniform_group_rows`].
-    pub fn uniform_rows(&self, counts: &[usize]) -> Option<usize> {
-        crate::padding::uniform_group_rows(counts, self.expert_alignment)
     }
 }
