@@ -20,12 +20,22 @@ use burn_ep::{
 };
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
+/// CubeCL's backends without Burn's fusion (which `burn::backend::Wgpu` and `Cuda`
+/// add where Burn's `fusion` feature is on): burn-ep's operations hand each tensor
+/// to these anyway, and the hand-over costs time.
+#[cfg(feature = "wgpu")]
+type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+#[cfg(feature = "cuda")]
+type Cuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
 const HELP: &str = "bench: time burn-ep's dispatch and combine
 
 USAGE: cargo run --release --example bench -- [OPTIONS]
 
 OPTIONS:
-  --backend B     ndarray | wgpu | cuda (cuda needs the `cuda` feature) [default: ndarray]
+  --backend B     ndarray | wgpu | cuda (cuda needs the `cuda` feature), CubeCL's
+                  backends as they are; wgpu-fusion | cuda-fusion: the same under
+                  Burn's fusion, as Burn's default features give them [default: ndarray]
   --ranks W       ranks, as threads of this process [default: 2]
   --transport T   local | cuda-peer (device copies; --backend cuda; ranks spread
                   over the GPUs round-robin) | nccl (one GPU per rank) |
@@ -496,7 +506,7 @@ impl Rates {
 
 #[cfg(feature = "cuda")]
 fn rates(o: &Options) -> Rates {
-    if o.backend != "cuda" {
+    if !o.backend.starts_with("cuda") {
         return Rates::default();
     }
     let gpus = ep_mesh::cuda_device_count().unwrap_or(0);
@@ -626,7 +636,16 @@ fn main() {
                 shared_gpu,
             ),
             #[cfg(feature = "wgpu")]
-            "wgpu" => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
+            "wgpu" => run::<Autodiff<Wgpu>>(
+                &o,
+                tokens,
+                |_| Default::default(),
+                dtype,
+                hidden,
+                shared_gpu,
+            ),
+            #[cfg(all(feature = "wgpu", feature = "fusion"))]
+            "wgpu-fusion" => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
                 &o,
                 tokens,
                 |_| Default::default(),
@@ -635,7 +654,16 @@ fn main() {
                 shared_gpu,
             ),
             #[cfg(feature = "cuda")]
-            "cuda" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
+            "cuda" => run::<Autodiff<Cuda>>(
+                &o,
+                tokens,
+                burn::backend::cuda::CudaDevice::new,
+                dtype,
+                hidden,
+                shared_gpu,
+            ),
+            #[cfg(all(feature = "cuda", feature = "fusion"))]
+            "cuda-fusion" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
                 &o,
                 tokens,
                 burn::backend::cuda::CudaDevice::new,

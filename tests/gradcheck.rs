@@ -257,6 +257,7 @@ fn assert_grads_match(ep: &[RankGrads], dense: &[RankGrads], tolerance: f32) {
 
 type AdNdArray = Autodiff<NdArray>;
 type AdCube = Autodiff<Cube>;
+type AdFused = Autodiff<Fused>;
 
 /// [`ep_gradients`] on the backend `which` names, on its default device.
 fn ep_gradients_on(
@@ -268,6 +269,7 @@ fn ep_gradients_on(
     match which {
         Which::NdArray => ep_gradients::<AdNdArray>(Default::default(), config, layers, layout),
         Which::Cube => ep_gradients::<AdCube>(Default::default(), config, layers, layout),
+        Which::Fused => ep_gradients::<AdFused>(Default::default(), config, layers, layout),
     }
 }
 
@@ -284,6 +286,11 @@ fn parity(which: Which, layout: DispatchLayout, config: &EpConfig, layers: &[Lay
         Which::Cube => {
             let ep = ep_gradients::<AdCube>(Default::default(), config, layers, layout);
             let dense = dense_gradients::<AdCube>(Default::default(), config, layers);
+            assert_grads_match(&ep, &dense, 1e-5);
+        }
+        Which::Fused => {
+            let ep = ep_gradients::<AdFused>(Default::default(), config, layers, layout);
+            let dense = dense_gradients::<AdFused>(Default::default(), config, layers);
             assert_grads_match(&ep, &dense, 1e-5);
         }
     }
@@ -303,7 +310,7 @@ fn gradcheck_dense_parity(
 
 #[rstest]
 fn gradcheck_three_layers_share_one_group(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(DispatchLayout::ExpertMajor, DispatchLayout::RankMajor)] layout: DispatchLayout,
 ) {
     let config = EpConfig::new(2, 4, 2, 5).with_expert_alignment(2);
@@ -337,7 +344,7 @@ fn gradcheck_three_layers_share_one_group(
 /// alone, so a large step is exact up to rounding.
 #[rstest]
 fn gradcheck_finite_differences(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(DispatchLayout::ExpertMajor, DispatchLayout::RankMajor)] layout: DispatchLayout,
 ) {
     if !runs_here(which) {
@@ -404,7 +411,7 @@ fn gradcheck_finite_differences(
 /// nothing (every token picks rank 0's experts) still completes the backward.
 #[rstest]
 fn gradcheck_sentinels_and_empty_ranks(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(DispatchLayout::ExpertMajor, DispatchLayout::RankMajor)] layout: DispatchLayout,
 ) {
     if !runs_here(which) {

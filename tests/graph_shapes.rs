@@ -324,6 +324,10 @@ fn parity(which: Which, graph: Graph, tokens: &[usize], skip_empty: bool) {
             ep_gradients::<Autodiff<Cube>>(&case, skip_empty),
             dense_gradients::<Autodiff<Cube>>(&case),
         ),
+        Which::Fused => (
+            ep_gradients::<Autodiff<Fused>>(&case, skip_empty),
+            dense_gradients::<Autodiff<Fused>>(&case),
+        ),
     };
     assert_matches_dense(&ep, &dense);
 }
@@ -333,7 +337,7 @@ fn parity(which: Which, graph: Graph, tokens: &[usize], skip_empty: bool) {
 /// four ranks, and with a rank that has no tokens at all.
 #[rstest]
 fn graphs_whose_depth_differs_between_ranks(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(
         Graph::SideBySide,
         Graph::MicroBatches,
@@ -431,6 +435,7 @@ fn a_row_exchange_against_a_barrier_is_named(#[values(Which::NdArray, Which::Cub
     match which {
         Which::NdArray => exchange_against_a_barrier::<NdArray>(Default::default()),
         Which::Cube => exchange_against_a_barrier::<Cube>(Default::default()),
+        Which::Fused => exchange_against_a_barrier::<Fused>(Default::default()),
     }
 }
 

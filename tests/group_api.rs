@@ -20,6 +20,7 @@ fn on(
         Which::NdArray => ndarray(Default::default()),
         Which::Cube if cube_available() => wgpu(Default::default()),
         Which::Cube => {}
+        Which::Fused => unreachable!("these cases name their backends"),
     }
 }
 
@@ -365,7 +366,7 @@ fn runners_refuse_an_empty_world() {
 /// transport, one read per plane sent (three for a recording dispatch).
 #[rstest]
 fn operations_make_the_counted_messages_and_exchanges(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
 ) {
     if !runs_here(which) {
         return;
@@ -373,6 +374,7 @@ fn operations_make_the_counted_messages_and_exchanges(
     match which {
         Which::NdArray => counted::<NdArray>(Default::default(), false),
         Which::Cube => counted::<Cube>(Default::default(), true),
+        Which::Fused => counted::<Fused>(Default::default(), true),
     }
 }
 
@@ -415,4 +417,22 @@ fn counted<B: ExpertParallelBackend>(device: B::Device, check_syncs: bool) {
             assert_eq!(combine.host_syncs, 1, "rank {rank}: combine");
         }
     }
+}
+
+/// `Fused`, the backend of the `Fused` cases, is Burn's fusion backend over `Cube`,
+/// which is what `burn::backend::Wgpu` (`Cuda`) is with Burn's default features.
+#[test]
+fn the_fused_cases_run_on_burns_fusion_backend() {
+    let name = std::any::type_name::<Fused>();
+    assert!(
+        name.starts_with("burn_fusion::backend::Fusion<burn_cubecl::backend::CubeBackend<"),
+        "{name}"
+    );
+    assert_eq!(
+        name,
+        format!(
+            "burn_fusion::backend::Fusion<{}>",
+            std::any::type_name::<Cube>()
+        )
+    );
 }

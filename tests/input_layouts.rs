@@ -166,7 +166,7 @@ where
 
 #[rstest]
 fn views_and_slices_as_inputs(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(Input::X, Input::TopkIdx, Input::TopkWeights, Input::Y)] input: Input,
     #[values(
         Layout::Transposed,
@@ -183,5 +183,6 @@ fn views_and_slices_as_inputs(
     match which {
         Which::NdArray => same_as_contiguous::<Autodiff<NdArray>>(input, layout),
         Which::Cube => same_as_contiguous::<Autodiff<Cube>>(input, layout),
+        Which::Fused => same_as_contiguous::<Autodiff<Fused>>(input, layout),
     }
 }

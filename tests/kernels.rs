@@ -283,7 +283,7 @@ fn combine_grad_matches<B: ExpertParallelBackend>(
 
 #[rstest]
 fn combine_grad_matches_plain_rust(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     // 7 is a multiple of no vector width; 1200 spans more than one pass of the cube.
     #[values(7, 64, 1200)] hidden: usize,
     #[values((true, true), (true, false), (false, true))] wanted: (bool, bool),
@@ -295,6 +295,7 @@ fn combine_grad_matches_plain_rust(
     match which {
         Which::NdArray => combine_grad_matches::<NdArray>(hidden, with_grad_y, with_grad_w),
         Which::Cube => combine_grad_matches::<Cube>(hidden, with_grad_y, with_grad_w),
+        Which::Fused => combine_grad_matches::<Fused>(hidden, with_grad_y, with_grad_w),
     }
 }
 
@@ -331,7 +332,7 @@ fn topk_matches<B: ExpertParallelBackend>(cols: usize, k: usize, ties: bool) {
 
 #[rstest]
 fn topk_indices_match_a_host_sort(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values((7, 1), (64, 6), (256, 8), (9, 9))] shape: (usize, usize),
 ) {
     if !runs_here(which) {
@@ -341,6 +342,7 @@ fn topk_indices_match_a_host_sort(
     match which {
         Which::NdArray => topk_matches::<NdArray>(cols, k, false),
         Which::Cube => topk_matches::<Cube>(cols, k, true),
+        Which::Fused => topk_matches::<Fused>(cols, k, true),
     }
 }
 
@@ -491,7 +493,7 @@ fn batched_matmul_matches<B: ExpertParallelBackend>(
 
 #[rstest]
 fn batched_matmul_and_its_gradients_match_plain_rust(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values((false, false), (true, false), (false, true), (true, true))] transposed: (bool, bool),
     #[values(Storage::Contiguous, Storage::PaddedRows, Storage::Permuted)] storage: Storage,
 ) {
@@ -502,6 +504,7 @@ fn batched_matmul_and_its_gradients_match_plain_rust(
     match which {
         Which::NdArray => batched_matmul_matches::<NdArray>(transpose_a, transpose_b, storage),
         Which::Cube => batched_matmul_matches::<Cube>(transpose_a, transpose_b, storage),
+        Which::Fused => batched_matmul_matches::<Fused>(transpose_a, transpose_b, storage),
     }
 }
 
@@ -579,6 +582,7 @@ fn swiglu_matches<B: ExpertParallelBackend>(dtype: DType) {
 #[case::cube_f32(Which::Cube, DType::F32)]
 #[case::cube_bf16(Which::Cube, DType::BF16)]
 #[case::cube_f16(Which::Cube, DType::F16)]
+#[case::fused_bf16(Which::Fused, DType::BF16)]
 fn swiglu_and_its_gradients_match_plain_rust(#[case] which: Which, #[case] dtype: DType) {
     if !runs_here(which) {
         return;
@@ -586,6 +590,7 @@ fn swiglu_and_its_gradients_match_plain_rust(#[case] which: Which, #[case] dtype
     match which {
         Which::NdArray => swiglu_matches::<NdArray>(dtype),
         Which::Cube => swiglu_matches::<Cube>(dtype),
+        Which::Fused => swiglu_matches::<Fused>(dtype),
     }
 }
 
@@ -700,7 +705,7 @@ fn router_matches<B: ExpertParallelBackend>(scoring: burn_ep::RouterScoring) {
 
 #[rstest]
 fn router_and_its_gradient_match_plain_rust(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(false, true)] sigmoid: bool,
     #[values(false, true)] renormalize: bool,
 ) {
@@ -715,5 +720,6 @@ fn router_and_its_gradient_match_plain_rust(
     match which {
         Which::NdArray => router_matches::<NdArray>(scoring),
         Which::Cube => router_matches::<Cube>(scoring),
+        Which::Fused => router_matches::<Fused>(scoring),
     }
 }

@@ -55,7 +55,7 @@ fn losses<B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend>(
 /// on CUDA by `gradcheck_dense_parity`.
 #[rstest]
 fn moe_ranks_train_like_one_rank(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(2, 4)] ranks: usize,
 ) {
     if !runs_here(which) {
@@ -75,10 +75,14 @@ fn moe_ranks_train_like_one_rank(
             losses::<Autodiff<Cube>>(&config, 1, 5, Default::default()),
             losses::<Autodiff<Cube>>(&config, ranks, 5, Default::default()),
         ),
+        Which::Fused => (
+            losses::<Autodiff<Fused>>(&config, 1, 5, Default::default()),
+            losses::<Autodiff<Fused>>(&config, ranks, 5, Default::default()),
+        ),
     };
     assert!(one[4] < one[0], "training moves the loss: {one:?}");
     let tolerance = match which {
-        Which::Cube if cfg!(feature = "cuda") => 1e-4,
+        Which::Cube | Which::Fused if cfg!(feature = "cuda") => 1e-4,
         _ => 1e-5,
     };
     for (step, (a, b)) in many.iter().zip(&one).enumerate() {
@@ -314,7 +318,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
 /// backward pass completes with the gradients of the one-rank layer.
 #[rstest]
 fn moe_layer_on_a_rank_with_no_tokens(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(false, true)] uniform: bool,
 ) {
     if runs_here(which) {
@@ -328,6 +332,7 @@ fn no_tokens_on_rank_one(which: Which, uniform: bool) {
     let ep = match which {
         Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, None, &batches, uniform),
         Which::Cube => check_against_one_rank::<Autodiff<Cube>>(&moe, None, &batches, uniform),
+        Which::Fused => check_against_one_rank::<Autodiff<Fused>>(&moe, None, &batches, uniform),
     };
     assert!(ep[1].outs[0].is_empty(), "rank 1's output is [0, H]");
 }
@@ -340,7 +345,7 @@ fn no_tokens_on_rank_one(which: Which, uniform: bool) {
 /// place (batch A fills rank 0's two experts with two rows each).
 #[rstest]
 fn moe_layer_on_two_micro_batches(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(false, true)] uniform: bool,
 ) {
     if !runs_here(which) {
@@ -363,6 +368,9 @@ fn moe_layer_on_two_micro_batches(
         Which::NdArray => check_against_one_rank::<AdNdArray>(&moe, Some(&gate), &batches, uniform),
         Which::Cube => {
             check_against_one_rank::<Autodiff<Cube>>(&moe, Some(&gate), &batches, uniform)
+        }
+        Which::Fused => {
+            check_against_one_rank::<Autodiff<Fused>>(&moe, Some(&gate), &batches, uniform)
         }
     };
     for step in &ep {
@@ -540,7 +548,7 @@ enum Pads {
 
 #[rstest]
 fn grouped_experts_match_swiglu_on_the_host(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     // Even (batched), with an empty expert (batched), all on one expert (one at a time).
     #[values(&[3, 4, 2, 3][..], &[5, 0, 4, 6][..], &[9, 0, 0, 1][..])] counts: &[usize],
     #[values(
@@ -561,5 +569,6 @@ fn grouped_experts_match_swiglu_on_the_host(
     match which {
         Which::NdArray => grouped_experts_match_host::<AdNdArray>(counts, pads, 1e-5),
         Which::Cube => grouped_experts_match_host::<Autodiff<Cube>>(counts, pads, cube_tolerance),
+        Which::Fused => grouped_experts_match_host::<Autodiff<Fused>>(counts, pads, cube_tolerance),
     }
 }

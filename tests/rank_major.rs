@@ -138,7 +138,7 @@ fn rank_major_experts<B: ExpertParallelBackend>(
 
 #[rstest]
 fn rank_major_matches_reference(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(1, 2, 4)] world: usize,
     #[values(
         RoutingPattern::Uniform,
@@ -154,6 +154,7 @@ fn rank_major_matches_reference(
     match which {
         Which::NdArray => check_rank_major::<NdArray>(config, pattern),
         Which::Cube => check_rank_major::<Cube>(config, pattern),
+        Which::Fused => check_rank_major::<Fused>(config, pattern),
     }
 }
 

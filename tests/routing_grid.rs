@@ -34,6 +34,9 @@ pub fn check_grid(
             check_against_reference::<NdArray>(Default::default(), config, batches, fresh)
         }
         Which::Cube => check_against_reference::<Cube>(Default::default(), config, batches, fresh),
+        Which::Fused => {
+            check_against_reference::<Fused>(Default::default(), config, batches, fresh)
+        }
     }
 }
 
@@ -66,7 +69,7 @@ fn routing_grid(
 /// weights, combine and replay against the reference, which pads the same way.
 #[rstest]
 fn uniform_expert_rows(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(2, 4)] world: usize,
     #[values(1, 8)] alignment: usize,
     #[values(
@@ -85,7 +88,7 @@ fn uniform_expert_rows(
 
 #[rstest]
 fn single_rank_and_wide_top_k(
-    #[values(Which::NdArray, Which::Cube)] which: Which,
+    #[values(Which::NdArray, Which::Cube, Which::Fused)] which: Which,
     #[values(1, 2)] world: usize,
 ) {
     // top_k equal to the number of experts: every token reaches every expert.

@@ -13,13 +13,21 @@ use burn::tensor::backend::AutodiffBackend;
 use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
 use model::{train, TrainConfig};
 
+/// CubeCL's backends without Burn's fusion (see `--backend`).
+#[cfg(feature = "wgpu")]
+type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+#[cfg(feature = "cuda")]
+type Cuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
 const HELP: &str = "train_moe: train a small MoE model with expert parallelism
 
 USAGE: cargo run --release --example train_moe -- [OPTIONS]
 
 OPTIONS:
   --ranks W        simulated ranks (threads sharing the device) [default: 4]
-  --backend B      ndarray | wgpu | cuda (cuda needs the `cuda` feature) [default: ndarray]
+  --backend B      ndarray | wgpu | cuda (cuda needs the `cuda` feature), CubeCL's
+                   backends as they are; wgpu-fusion | cuda-fusion: the same under
+                   Burn's fusion, as Burn's default features give them [default: ndarray]
   --steps N        optimizer steps [default: 300]
   --sp S           sequence-parallel size (pads the tokens per rank) [default: 1]
   --transport T    local | cuda-peer (rows by device copies; --backend cuda) |
@@ -182,13 +190,23 @@ fn main() {
             })
         }
         #[cfg(feature = "wgpu")]
-        "wgpu" => {
+        "wgpu" => run::<Autodiff<Wgpu>>(&config, ranks, steps, transport, |_| Default::default()),
+        #[cfg(all(feature = "wgpu", feature = "fusion"))]
+        "wgpu-fusion" => {
             run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&config, ranks, steps, transport, |_| {
                 Default::default()
             })
         }
         #[cfg(feature = "cuda")]
-        "cuda" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
+        "cuda" => run::<Autodiff<Cuda>>(
+            &config,
+            ranks,
+            steps,
+            transport,
+            burn::backend::cuda::CudaDevice::new,
+        ),
+        #[cfg(all(feature = "cuda", feature = "fusion"))]
+        "cuda-fusion" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
             &config,
             ranks,
             steps,

@@ -12,12 +12,18 @@ use ep_core::reference::{self, RankBatch};
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
 pub type NdArray = burn::backend::NdArray<f32>;
-/// The CubeCL backend under test: wgpu (lavapipe in CI), or CUDA when the tests
-/// are built with the `cuda` feature (on a GPU host).
+/// The CubeCL backend under test, without Burn's fusion: wgpu (lavapipe in CI), or
+/// CUDA when the tests are built with the `cuda` feature (on a GPU host).
 #[cfg(not(feature = "cuda"))]
-pub type Cube = burn::backend::Wgpu<f32, i32>;
+pub type Cube = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 #[cfg(feature = "cuda")]
-pub type Cube = burn::backend::Cuda<f32, i32>;
+pub type Cube = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+/// The same under Burn's fusion: exactly what `burn::backend::Wgpu` (or `Cuda`) is
+/// with Burn's default features, which turn fusion on.
+#[cfg(not(feature = "cuda"))]
+pub type Fused = burn::backend::Wgpu<f32, i32>;
+#[cfg(feature = "cuda")]
+pub type Fused = burn::backend::Cuda<f32, i32>;
 
 /// The variable that turns a missing wgpu adapter into a failure (set by CI, which
 /// installs lavapipe, so that CI can never pass by skipping). Read by the tests only.
@@ -67,7 +73,7 @@ pub fn cube_available() -> bool {
 pub fn runs_here(which: Which) -> bool {
     match which {
         Which::NdArray => true,
-        Which::Cube => cube_available(),
+        Which::Cube | Which::Fused => cube_available(),
     }
 }
 
@@ -76,6 +82,8 @@ pub fn runs_here(which: Which) -> bool {
 pub enum Which {
     NdArray,
     Cube,
+    /// `Cube` under Burn's fusion (Burn's default backends).
+    Fused,
 }
 
 /// Compares a combine output with the reference: exactly, except on CUDA, whose

@@ -9,7 +9,9 @@
 //! its local expert ids and weights (see [`DispatchLayout`]).
 //!
 //! The steps run on any backend implementing [`ExpertParallelBackend`]: CubeCL
-//! backends (wgpu, CUDA) run the kernels of `ep-kernels`, others a tensor-op fallback.
+//! backends (wgpu, CUDA) run the kernels of `ep-kernels`, also under Burn's fusion
+//! (`burn::backend::Wgpu` and `Cuda` with Burn's default features), others a
+//! tensor-op fallback.
 
 mod autodiff;
 mod backend;
@@ -18,6 +20,7 @@ mod cube_exchange;
 #[cfg(feature = "cuda")]
 mod cublas;
 mod exchange;
+mod fusion;
 mod group;
 pub mod moe;
 mod order;
