@@ -6,6 +6,8 @@
 
 use cubecl::prelude::*;
 
+use crate::topk::insert_ranked;
+
 /// Token `t`'s score of expert `e`: a softmax over the row (`max` and `total` its
 /// maximum and sum of exponentials) or a sigmoid.
 #[cube]
@@ -59,41 +61,26 @@ pub fn router_kernel<F: Float, I: Int>(
     // `at[q] == experts` marks a place not filled yet.
     let empty = u32::cast_from(experts);
     let mut best = Array::<f32>::new(top_k);
-    let mut chosen = Array::<f32>::new(top_k);
     let mut at = Array::<u32>::new(top_k);
     #[unroll]
     for q in 0..top_k {
         best[q] = 0.0;
-        chosen[q] = 0.0;
         at[q] = empty;
     }
     for e in 0..experts {
         let s = score(f32::cast_from(logits[row + e]), max, total, sigmoid);
         let v = s + f32::cast_from(bias[e]);
-        // Strictly greater: an equal value found later ranks below the earlier one.
-        if at[top_k - 1] == empty || v > best[top_k - 1] {
-            let mut placed = false;
-            #[unroll]
-            for r in 0..top_k - 1 {
-                let q = top_k - 1 - r;
-                if !placed {
-                    if at[q - 1] == empty || v > best[q - 1] {
-                        best[q] = best[q - 1];
-                        chosen[q] = chosen[q - 1];
-                        at[q] = at[q - 1];
-                    } else {
-                        best[q] = v;
-                        chosen[q] = s;
-                        at[q] = u32::cast_from(e);
-                        placed = true;
-                    }
-                }
-            }
-            if !placed {
-                best[0] = v;
-                chosen[0] = s;
-                at[0] = u32::cast_from(e);
-            }
+        insert_ranked(&mut best, &mut at, v, u32::cast_from(e), empty, top_k);
+    }
+    // The chosen experts' scores, computed again as in the choice (bit for bit the
+    // same) rather than carried through the insertion, which is then top-k's own.
+    let mut chosen = Array::<f32>::new(top_k);
+    #[unroll]
+    for q in 0..top_k {
+        chosen[q] = 0.0;
+        if at[q] != empty {
+            let e = usize::cast_from(at[q]);
+            chosen[q] = score(f32::cast_from(logits[row + e]), max, total, sigmoid);
         }
     }
     let mut factor = scale;
