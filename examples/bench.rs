@@ -8,6 +8,8 @@
 
 use std::time::{Duration, Instant};
 
+use clap::{Parser, ValueEnum};
+
 use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::tensor::backend::AutodiffBackend;
@@ -20,6 +22,10 @@ use burn_ep::{
 };
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
+#[path = "common/cli.rs"]
+mod cli;
+use cli::{at_least_one, name_of, refuse_unbuilt, BackendName};
+
 /// CubeCL's backends without Burn's fusion (which `burn::backend::Wgpu` and `Cuda`
 /// add where Burn's `fusion` feature is on): burn-ep's operations hand each tensor
 /// to these anyway, and the hand-over costs time.
@@ -28,37 +34,8 @@ type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 #[cfg(feature = "cuda")]
 type Cuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
-const HELP: &str = "bench: time burn-ep's dispatch and combine
-
-USAGE: cargo run --release --example bench -- [OPTIONS]
-
-OPTIONS:
-  --backend B     ndarray | wgpu | cuda (cuda needs the `cuda` feature), CubeCL's
-                  backends as they are; wgpu-fusion | cuda-fusion: the same under
-                  Burn's fusion, as Burn's default features give them [default: ndarray]
-  --ranks W       ranks, as threads of this process [default: 2]
-  --transport T   local | cuda-peer (device copies; --backend cuda; ranks spread
-                  over the GPUs round-robin) | nccl (one GPU per rank) |
-                  hierarchical (simulated nodes, see the book) [default: local]
-  --tokens LIST   tokens per rank, comma-separated [default: 128]
-  --hidden H      hidden size [default: 7168, or 256 on ndarray]
-  --top-k K       experts per token [default: 8]
-  --experts E     experts in all [default: 256]
-  --dtype D       bf16 | f16 | f32 payload [default: bf16, f32 on ndarray]
-  --routing R     uniform | skewed | sentinel (uniform with 10% -1 slots) [default: uniform]
-  --alignment A   expert alignment [default: 1]
-  --padding P     aligned | uniform: each local expert's group padded to the
-                  alignment, or all to one row count (EpConfig's
-                  uniform_expert_rows, on which the MoE layer runs its experts
-                  in place) [default: aligned]
-  --ffn F         also time burn_ep::moe::MoeLayer (router, dispatch, SwiGLU experts
-                  of inner width F, combine), forward and forward+backward [default: off]
-  --warmup N      untimed runs first [default: 3]
-  --iters N       timed runs [default: 50]
-  --json PATH     also write the results as JSON
-  --help          this text
-
-Every rank times every run: device sync, barrier of all ranks, clock, the
+/// Notes printed after the options in `--help`.
+const NOTES: &str = "Every rank times every run: device sync, barrier of all ranks, clock, the
 operation, device sync, clock. A run's time is the slowest rank's; p10, median and
 p90 are over the runs. Counts are per rank and run (the most of any rank): host
 synchronisations, control messages, row exchanges, burn-ep's kernel launches.
@@ -71,77 +48,87 @@ rate measured in the same run (a copy reads and writes each byte); `x floor` is
 the median over it. The local transport moves host copies between rank threads;
 cuda-peer moves device buffers with the copy engines.";
 
-#[derive(Debug, Clone)]
+/// bench: time burn-ep's dispatch and combine.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "bench", after_help = NOTES)]
 struct Options {
-    backend: String,
+    /// CubeCL's backends as they are, or under Burn's fusion (`*-fusion`, as Burn's
+    /// default features give them); cuda needs the `cuda` feature
+    #[arg(long, value_enum, default_value_t = BackendName::Ndarray)]
+    backend: BackendName,
+    /// local | cuda-peer (device copies; --backend cuda; ranks spread over the GPUs
+    /// round-robin) | nccl (one GPU per rank) | hierarchical (simulated nodes, see
+    /// the book)
+    #[arg(long, default_value = "local")]
     transport: Transport,
+    /// Ranks, as threads of this process
+    #[arg(long, default_value_t = 2, value_parser = at_least_one)]
     ranks: usize,
+    /// Tokens per rank, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "128")]
     tokens: Vec<usize>,
+    /// Hidden size [default: 7168, or 256 on ndarray]
+    #[arg(long)]
     hidden: Option<usize>,
+    /// Experts per token
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     top_k: usize,
+    /// Experts in all
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
     experts: usize,
-    dtype: Option<String>,
-    routing: String,
+    /// Payload type [default: bf16, f32 on ndarray]
+    #[arg(long, value_enum)]
+    dtype: Option<PayloadType>,
+    /// uniform | skewed (Zipf) | sentinel (uniform with 10% -1 slots)
+    #[arg(long, value_enum, default_value_t = RoutingName::Uniform)]
+    routing: RoutingName,
+    /// Expert alignment
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     alignment: usize,
-    uniform_expert_rows: bool,
+    /// Each local expert's group padded to the alignment, or all to one row count
+    /// (EpConfig's uniform_expert_rows, on which the MoE layer runs its experts in
+    /// place)
+    #[arg(long, value_enum, default_value_t = Padding::Aligned)]
+    padding: Padding,
+    /// Also time burn_ep::moe::MoeLayer (router, dispatch, SwiGLU experts of inner
+    /// width F, combine), forward and forward+backward [default: off]
+    #[arg(long, value_name = "F")]
     ffn: Option<usize>,
+    /// Untimed runs first
+    #[arg(long, default_value_t = 3)]
     warmup: usize,
+    /// Timed runs
+    #[arg(long, default_value_t = 50, value_parser = at_least_one)]
     iters: usize,
+    /// Also write the results as JSON
+    #[arg(long, value_name = "PATH")]
     json: Option<String>,
 }
 
-fn parse() -> Result<Options, String> {
-    let mut o = Options {
-        backend: "ndarray".into(),
-        transport: Transport::Local,
-        ranks: 2,
-        tokens: vec![128],
-        hidden: None,
-        top_k: 8,
-        experts: 256,
-        dtype: None,
-        routing: "uniform".into(),
-        alignment: 1,
-        uniform_expert_rows: false,
-        ffn: None,
-        warmup: 3,
-        iters: 50,
-        json: None,
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == "--help" || flag == "-h" {
-            println!("{HELP}");
-            std::process::exit(0);
-        }
-        let value = args.next().ok_or(format!("{flag} needs a value"))?;
-        let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
-        match flag.as_str() {
-            "--backend" => o.backend = value,
-            "--transport" => o.transport = value.parse().map_err(|e| format!("{e}"))?,
-            "--ranks" => o.ranks = num(&value)?,
-            "--tokens" => o.tokens = value.split(',').map(num).collect::<Result<_, _>>()?,
-            "--hidden" => o.hidden = Some(num(&value)?),
-            "--top-k" => o.top_k = num(&value)?,
-            "--experts" => o.experts = num(&value)?,
-            "--dtype" => o.dtype = Some(value),
-            "--routing" => o.routing = value,
-            "--alignment" => o.alignment = num(&value)?,
-            "--padding" => {
-                o.uniform_expert_rows = match value.as_str() {
-                    "aligned" => false,
-                    "uniform" => true,
-                    other => return Err(format!("--padding {other}: aligned or uniform")),
-                }
-            }
-            "--ffn" => o.ffn = Some(num(&value)?),
-            "--warmup" => o.warmup = num(&value)?,
-            "--iters" => o.iters = num(&value)?,
-            "--json" => o.json = Some(value),
-            other => return Err(format!("unknown option {other} (see --help)")),
-        }
+impl Options {
+    fn uniform_expert_rows(&self) -> bool {
+        self.padding == Padding::Uniform
     }
-    Ok(o)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PayloadType {
+    Bf16,
+    F16,
+    F32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoutingName {
+    Uniform,
+    Skewed,
+    Sentinel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Padding {
+    Aligned,
+    Uniform,
 }
 
 #[derive(Debug, Clone)]
@@ -208,12 +195,12 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
 ) -> Vec<Phase> {
     let config = EpConfig::new(o.ranks, o.experts, o.top_k, hidden)
         .with_expert_alignment(o.alignment)
-        .with_uniform_expert_rows(o.uniform_expert_rows)
+        .with_uniform_expert_rows(o.uniform_expert_rows())
         .with_max_tokens_per_rank(tokens.max(1));
-    let (pattern, sentinels) = match o.routing.as_str() {
-        "skewed" => (RoutingPattern::Skewed, SentinelPattern::None),
-        "sentinel" => (RoutingPattern::Uniform, SentinelPattern::RandomTenth),
-        _ => (RoutingPattern::Uniform, SentinelPattern::None),
+    let (pattern, sentinels) = match o.routing {
+        RoutingName::Skewed => (RoutingPattern::Skewed, SentinelPattern::None),
+        RoutingName::Sentinel => (RoutingPattern::Uniform, SentinelPattern::RandomTenth),
+        RoutingName::Uniform => (RoutingPattern::Uniform, SentinelPattern::None),
     };
     let batches = synthetic_batches(&config, tokens, pattern, sentinels, 1);
     let elem = dtype.size();
@@ -506,7 +493,7 @@ impl Rates {
 
 #[cfg(feature = "cuda")]
 fn rates(o: &Options) -> Rates {
-    if !o.backend.starts_with("cuda") {
+    if !matches!(o.backend, BackendName::Cuda | BackendName::CudaFusion) {
         return Rates::default();
     }
     let gpus = ep_mesh::cuda_device_count().unwrap_or(0);
@@ -572,33 +559,29 @@ fn group_barrier<B: ExpertParallelBackend>(group: &EpGroup<B>) {
 }
 
 fn main() {
-    let o = match parse() {
-        Ok(o) => o,
-        Err(e) => {
-            eprintln!("bench: {e}");
-            std::process::exit(2);
-        }
-    };
-    let cpu = o.backend == "ndarray";
+    let o = Options::parse();
+    refuse_unbuilt::<Options>(o.backend);
+    let cpu = o.backend == BackendName::Ndarray;
     let hidden = o.hidden.unwrap_or(if cpu { 256 } else { 7168 });
-    let dtype = match o
-        .dtype
-        .as_deref()
-        .unwrap_or(if cpu { "f32" } else { "bf16" })
-    {
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        _ => DType::F32,
+    let default_dtype = if cpu {
+        PayloadType::F32
+    } else {
+        PayloadType::Bf16
+    };
+    let dtype = match o.dtype.unwrap_or(default_dtype) {
+        PayloadType::Bf16 => DType::BF16,
+        PayloadType::F16 => DType::F16,
+        PayloadType::F32 => DType::F32,
     };
     println!(
         "burn-ep bench: backend {}, {} ranks, H={hidden}, K={}, E={}, {dtype:?}, routing {}, {} transport, {} padding",
-        o.backend,
+        name_of(o.backend),
         o.ranks,
         o.top_k,
         o.experts,
-        o.routing,
+        name_of(o.routing),
         o.transport,
-        if o.uniform_expert_rows { "uniform" } else { "aligned" }
+        name_of(o.padding)
     );
     let rates = rates(&o);
     if rates.device.is_none() {
@@ -626,8 +609,8 @@ fn main() {
     let mut json = Vec::new();
     for (n, &tokens) in o.tokens.iter().enumerate() {
         eprintln!("[{}/{}] T={tokens} ...", n + 1, o.tokens.len());
-        let phases = match o.backend.as_str() {
-            "ndarray" => run::<Autodiff<burn::backend::NdArray<f32>>>(
+        let phases = match o.backend {
+            BackendName::Ndarray => run::<Autodiff<burn::backend::NdArray<f32>>>(
                 &o,
                 tokens,
                 |_| Default::default(),
@@ -636,7 +619,7 @@ fn main() {
                 shared_gpu,
             ),
             #[cfg(feature = "wgpu")]
-            "wgpu" => run::<Autodiff<Wgpu>>(
+            BackendName::Wgpu => run::<Autodiff<Wgpu>>(
                 &o,
                 tokens,
                 |_| Default::default(),
@@ -645,7 +628,7 @@ fn main() {
                 shared_gpu,
             ),
             #[cfg(all(feature = "wgpu", feature = "fusion"))]
-            "wgpu-fusion" => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
+            BackendName::WgpuFusion => run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(
                 &o,
                 tokens,
                 |_| Default::default(),
@@ -654,7 +637,7 @@ fn main() {
                 shared_gpu,
             ),
             #[cfg(feature = "cuda")]
-            "cuda" => run::<Autodiff<Cuda>>(
+            BackendName::Cuda => run::<Autodiff<Cuda>>(
                 &o,
                 tokens,
                 burn::backend::cuda::CudaDevice::new,
@@ -663,7 +646,7 @@ fn main() {
                 shared_gpu,
             ),
             #[cfg(all(feature = "cuda", feature = "fusion"))]
-            "cuda-fusion" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
+            BackendName::CudaFusion => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
                 &o,
                 tokens,
                 burn::backend::cuda::CudaDevice::new,
@@ -671,10 +654,9 @@ fn main() {
                 hidden,
                 shared_gpu,
             ),
-            other => {
-                eprintln!("bench: backend {other} is not built in (see --help)");
-                std::process::exit(2);
-            }
+            // Every backend is built in where every feature is on.
+            #[allow(unreachable_patterns)]
+            other => unreachable!("{other:?} was checked by built_in"),
         };
         for p in &phases {
             let (p10, median, p90) = p.stats();
@@ -723,10 +705,60 @@ fn main() {
     if let Some(path) = &o.json {
         let body = format!(
             "{{\"backend\":\"{}\",\"ranks\":{},\"hidden\":{hidden},\"top_k\":{},\"experts\":{},\"dtype\":\"{dtype:?}\",\"routing\":\"{}\",\"transport\":\"{}\",\"ceiling_gbps\":{},\"results\":[{}]}}\n",
-            o.backend, o.ranks, o.top_k, o.experts, o.routing, o.transport,
+            name_of(o.backend), o.ranks, o.top_k, o.experts, name_of(o.routing), o.transport,
             rates.ceiling().map_or("null".into(), |c| format!("{c:.2}")),
             json.join(",")
         );
         std::fs::write(path, body).expect("writing the JSON file");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_value_is_refused_and_named() {
+        for (flag, value) in [
+            ("--routing", "zipf"),
+            ("--dtype", "f8"),
+            ("--padding", "ragged"),
+            ("--transport", "infiniband"),
+            ("--backend", "tpu"),
+            ("--tokens", "128,lots"),
+            ("--ranks", "0"),
+        ] {
+            let err = Options::try_parse_from(["bench", flag, value]).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                message.contains(value.rsplit(',').next().unwrap()),
+                "{message}"
+            );
+            assert!(message.contains(flag), "{message}");
+        }
+    }
+
+    #[test]
+    fn values_parse_to_what_they_name() {
+        let o = Options::try_parse_from([
+            "bench",
+            "--routing",
+            "sentinel",
+            "--dtype",
+            "f16",
+            "--padding",
+            "uniform",
+            "--tokens",
+            "128,4096",
+            "--transport",
+            "cuda-peer",
+        ])
+        .unwrap();
+        assert_eq!(o.routing, RoutingName::Sentinel);
+        assert_eq!(o.dtype, Some(PayloadType::F16));
+        assert!(o.uniform_expert_rows());
+        assert_eq!(o.tokens, [128, 4096]);
+        assert_eq!(o.transport, Transport::CudaPeer);
+        assert_eq!(name_of(o.routing), "sentinel");
     }
 }

@@ -7,7 +7,7 @@
 //! With `--kill-rank R --kill-step S` the process of rank R exits at step S without
 //! a word, as a crashed node would; every other rank must then fail with an
 //! `EpError` within the timeout. Exit status: 0 all checks passed, 2 an `EpError`
-//! (the expected outcome of a survivor), 1 a wrong result.
+//! (the expected outcome of a survivor), 1 a wrong result, 64 bad arguments.
 //!
 //!     RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 \
 //!       cargo run --release --features cuda --example nccl_check -- --steps 5
@@ -18,61 +18,74 @@ use std::time::{Duration, Instant};
 use burn::backend::cuda::CudaDevice;
 use burn::tensor::{Int, Tensor, TensorData};
 use burn_ep::{launch, EpConfig, EpResult};
+use clap::Parser;
 use ep_core::reference;
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
 type Cuda = burn::backend::Cuda<f32, i32>;
 
+/// nccl_check: a multi-process group checked against the plain-Rust reference.
+#[derive(Debug, Parser)]
+#[command(name = "nccl_check", after_help = EXIT_STATUS)]
 struct Options {
+    /// Tokens per rank
+    #[arg(long, default_value_t = 256)]
     tokens: usize,
+    /// Hidden size
+    #[arg(long, default_value_t = 512)]
     hidden: usize,
+    /// Experts on each rank
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     experts_per_rank: usize,
+    /// Experts per token
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
     top_k: usize,
+    /// Steps of dispatch, combine and replay
+    #[arg(long, default_value_t = 5)]
     steps: usize,
-    timeout: Duration,
-    kill: Option<(usize, usize)>,
+    /// Seconds a rank waits for its peers
+    #[arg(long = "timeout-s", value_name = "SECONDS", default_value_t = 30)]
+    timeout_s: u64,
+    /// The process of this rank exits without a word at --kill-step, as a crashed
+    /// node would; every other rank must then fail with an EpError
+    #[arg(long, value_name = "RANK")]
+    kill_rank: Option<usize>,
+    /// The step at which --kill-rank exits
+    #[arg(long, value_name = "STEP", default_value_t = 0, requires = "kill_rank")]
+    kill_step: usize,
 }
 
-fn options() -> Options {
-    let mut o = Options {
-        tokens: 256,
-        hidden: 512,
-        experts_per_rank: 4,
-        top_k: 4,
-        steps: 5,
-        timeout: Duration::from_secs(30),
-        kill: None,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut kill_rank = None;
-    let mut kill_step = 0;
-    for pair in args.chunks(2) {
-        let value = || -> usize {
-            pair.get(1).and_then(|v| v.parse().ok()).unwrap_or_else(|| {
-                eprintln!("nccl_check: {} needs a number", pair[0]);
-                exit(1)
-            })
-        };
-        match pair[0].as_str() {
-            "--tokens" => o.tokens = value(),
-            "--hidden" => o.hidden = value(),
-            "--experts-per-rank" => o.experts_per_rank = value(),
-            "--top-k" => o.top_k = value(),
-            "--steps" => o.steps = value(),
-            "--timeout-s" => o.timeout = Duration::from_secs(value() as u64),
-            "--kill-rank" => kill_rank = Some(value()),
-            "--kill-step" => kill_step = value(),
-            other => {
-                eprintln!(
-                    "nccl_check: unknown option {other} (--tokens --hidden --experts-per-rank \
-                     --top-k --steps --timeout-s --kill-rank --kill-step)"
-                );
-                exit(1)
-            }
-        }
+const EXIT_STATUS: &str = "Exit status: 0 all checks passed, 2 an EpError (the expected \
+outcome of a survivor), 1 a wrong result, 64 bad arguments.";
+
+impl Options {
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_s)
     }
-    o.kill = kill_rank.map(|r| (r, kill_step));
-    o
+
+    fn kill(&self) -> Option<(usize, usize)> {
+        self.kill_rank.map(|rank| (rank, self.kill_step))
+    }
+}
+
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The options, or exit: 64 for bad arguments, so that they are not taken for an
+/// `EpError` (2) or a wrong result (1); 0 after `--help`.
+fn options() -> Options {
+    Options::try_parse().unwrap_or_else(|e| {
+        if e.use_stderr() {
+            let _ = e.print();
+            exit(64)
+        }
+        e.exit()
+    })
 }
 
 /// The stand-in expert: rows of global expert `e` scaled by `1 + e / 4`.
@@ -173,7 +186,7 @@ fn step(
 fn main() {
     let o = options();
     let world =
-        match ep_mesh::Launch::from_env(o.timeout, ep_mesh::cuda_device_count().unwrap_or(1)) {
+        match ep_mesh::Launch::from_env(o.timeout(), ep_mesh::cuda_device_count().unwrap_or(1)) {
             Ok(launch) => launch.world_size(),
             Err(e) => {
                 eprintln!("nccl_check: {e}");
@@ -185,14 +198,14 @@ fn main() {
     let start = Instant::now();
     let results = launch::<Cuda, _, _, _>(
         &config,
-        o.timeout,
+        o.timeout(),
         |_, d| CudaDevice::new(d),
         |group| {
             let device = group.device().clone();
             let rank = group.rank();
             let mut worst = 0.0f32;
             for s in 0..o.steps {
-                if o.kill == Some((rank, s)) {
+                if o.kill() == Some((rank, s)) {
                     println!("rank {rank}: exiting at step {s} (--kill-rank)");
                     exit(9);
                 }

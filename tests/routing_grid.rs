@@ -1,5 +1,6 @@
 //! Dispatch, cached dispatch and combine on every backend, against the ep-core
-//! reference, over the routing grid of DESIGN.md. f32 results must be equal exactly.
+//! reference, over a grid of routings (patterns, sentinels, ranks, alignments). f32 results must be
+//! equal exactly.
 
 mod common;
 

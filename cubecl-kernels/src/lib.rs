@@ -1,5 +1,5 @@
-//! ep-kernels: the CubeCL kernels of burn-ep, one file per family, following
-//! DESIGN.md's data flow: [`layout`] → [`slots`] → [`pack`] → (transport) →
+//! ep-kernels: the CubeCL kernels of burn-ep, one file per family, following the
+//! data flow of the book's *Architecture*: [`layout`] → [`slots`] → [`pack`] → (transport) →
 //! [`expand`]; combine runs [`reduce`] → (transport) → [`sum`]; combine's backward
 //! ends in [`combine_grad`]. The MoE layer's router uses [`router`] (or [`topk`]), its experts [`swiglu`].
 //!

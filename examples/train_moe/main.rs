@@ -3,14 +3,20 @@
 //!
 //!     cargo run --release --example train_moe -- --ranks 4 --backend ndarray --steps 300
 
+#[path = "../common/cli.rs"]
+mod cli;
 mod model;
 
-use std::io::Write;
+use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
+use clap::error::ErrorKind;
+use clap::{CommandFactory, Parser, ValueEnum};
+use cli::{at_least_one, name_of, refuse_unbuilt, BackendName};
+use indicatif::{ProgressBar, ProgressStyle};
 use model::{train, TrainConfig};
 
 /// CubeCL's backends without Burn's fusion (see `--backend`).
@@ -19,28 +25,131 @@ type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 #[cfg(feature = "cuda")]
 type Cuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 
-const HELP: &str = "train_moe: train a small MoE model with expert parallelism
+/// train_moe: train a small MoE model with expert parallelism.
+#[derive(Debug, Parser)]
+#[command(name = "train_moe", after_help = AFTER_HELP)]
+struct Options {
+    /// Simulated ranks (threads sharing the device)
+    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
+    ranks: usize,
+    /// CubeCL's backends as they are, or under Burn's fusion (`*-fusion`, as Burn's
+    /// default features give them); cuda needs the `cuda` feature
+    #[arg(long, value_enum, default_value_t = BackendName::Ndarray)]
+    backend: BackendName,
+    /// Optimizer steps
+    #[arg(long, default_value_t = 300, value_parser = at_least_one)]
+    steps: usize,
+    /// Sequence-parallel size (pads the tokens per rank)
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    sp: usize,
+    /// local | cuda-peer (rows by device copies; --backend cuda) | nccl |
+    /// hierarchical (one GPU per rank; --backend cuda)
+    #[arg(long, default_value = "local")]
+    transport: Transport,
+    /// The model and batch: small, or one whose MoE layers are GPU-sized (hidden
+    /// 1024, 64 experts of width 1408, top-6, 8192 tokens per step)
+    #[arg(long, value_enum, default_value_t = Size::Small)]
+    size: Size,
+    /// Overrides the size's hidden width
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Overrides the size's expert width
+    #[arg(long)]
+    ffn: Option<usize>,
+    /// Overrides the size's expert count
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Overrides the size's experts per token
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Overrides the size's MoE layers
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Overrides the size's tokens per step (all ranks)
+    #[arg(long)]
+    tokens: Option<usize>,
+    /// Overrides the size's vocabulary
+    #[arg(long)]
+    vocab: Option<usize>,
+}
 
-USAGE: cargo run --release --example train_moe -- [OPTIONS]
+const AFTER_HELP: &str = "Prints the loss, tokens per second and the model's TFLOP/s \
+(forward and backward products, per second of the whole run, compilation of the kernels \
+included). On a terminal the progress is a bar; elsewhere a line every tenth of the run.";
 
-OPTIONS:
-  --ranks W        simulated ranks (threads sharing the device) [default: 4]
-  --backend B      ndarray | wgpu | cuda (cuda needs the `cuda` feature), CubeCL's
-                   backends as they are; wgpu-fusion | cuda-fusion: the same under
-                   Burn's fusion, as Burn's default features give them [default: ndarray]
-  --steps N        optimizer steps [default: 300]
-  --sp S           sequence-parallel size (pads the tokens per rank) [default: 1]
-  --transport T    local | cuda-peer (rows by device copies; --backend cuda) |
-                   nccl | hierarchical (one GPU per rank; --backend cuda) [default: local]
-  --size S         small | gpu: the model and batch below, or one whose MoE layers
-                   are GPU-sized (hidden 1024, 64 experts of width 1408, top-6,
-                   8192 tokens per step) [default: small]
-  --hidden H --ffn F --experts E --top-k K --layers L --tokens N --vocab V
-                   override one figure of the size (N: tokens per step, all ranks)
-  --help           this text
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Size {
+    Small,
+    Gpu,
+}
 
-Prints the loss, tokens per second and the model's TFLOP/s (forward and backward
-products, per second of the whole run, compilation of the kernels included).";
+impl Options {
+    /// The size's model and batch, with the figures given beside it.
+    fn train_config(&self) -> TrainConfig {
+        let mut config = match self.size {
+            Size::Small => TrainConfig::default(),
+            Size::Gpu => TrainConfig::gpu(),
+        };
+        let overrides = [
+            (self.hidden, &mut config.hidden),
+            (self.ffn, &mut config.ffn_hidden),
+            (self.experts, &mut config.num_experts),
+            (self.top_k, &mut config.top_k),
+            (self.layers, &mut config.layers),
+            (self.tokens, &mut config.global_tokens),
+            (self.vocab, &mut config.vocab),
+        ];
+        for (given, figure) in overrides {
+            if let Some(value) = given {
+                *figure = value;
+            }
+        }
+        config.sp_size = self.sp;
+        config
+    }
+}
+
+/// Rank 0's progress: a bar on a terminal, else a plain line every tenth of the run
+/// (and at the last step), so that logs stay readable.
+struct Progress {
+    bar: ProgressBar,
+    on_terminal: bool,
+    steps: usize,
+}
+
+impl Progress {
+    fn new(steps: usize) -> Self {
+        let on_terminal = std::io::stderr().is_terminal();
+        let bar = if on_terminal {
+            ProgressBar::new(steps as u64).with_style(
+                ProgressStyle::with_template("[{bar:30}] step {pos:>4}/{len}  {msg}")
+                    .expect("a valid template")
+                    .progress_chars("#> "),
+            )
+        } else {
+            ProgressBar::hidden()
+        };
+        Self {
+            bar,
+            on_terminal,
+            steps,
+        }
+    }
+
+    fn step(&self, step: usize, loss: f32, tokens_per_second: f64) {
+        let message = format!("loss {loss:.4}  {tokens_per_second:>8.0} tokens/s");
+        if self.on_terminal {
+            self.bar.set_position(step as u64);
+            self.bar.set_message(message);
+        } else if step.is_multiple_of(self.steps.div_ceil(10)) || step == self.steps {
+            eprintln!("step {step:>4}/{}  {message}", self.steps);
+        }
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
 
 fn run<B: AutodiffBackend + ExpertParallelBackend>(
     config: &TrainConfig,
@@ -57,6 +166,7 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
         .with_sp_size(config.sp_size);
     let start = Instant::now();
     let timeout = Duration::from_secs(300);
+    let progress = Progress::new(steps);
     let results = run_ranks(
         transport,
         &ep,
@@ -68,21 +178,12 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
                 if rank == 0 {
                     let seen = (r.step + 1) * config.global_tokens;
                     let rate = seen as f64 / start.elapsed().as_secs_f64();
-                    let done = (r.step + 1) * 30 / steps;
-                    eprint!(
-                        "\r[{}{}] step {:>4}/{steps}  loss {:.4}  {:>8.0} tokens/s",
-                        "#".repeat(done),
-                        " ".repeat(30 - done),
-                        r.step + 1,
-                        r.loss,
-                        rate
-                    );
-                    let _ = std::io::stderr().flush();
+                    progress.step(r.step + 1, r.loss, rate);
                 }
             })
         },
     );
-    eprintln!();
+    progress.finish();
     let history = match results.and_then(|r| r.into_iter().next().unwrap()) {
         Ok(h) => h,
         Err(e) => {
@@ -114,91 +215,48 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
 }
 
 fn main() {
-    let mut ranks = 4;
-    let mut backend = "ndarray".to_string();
-    let mut steps = 300;
-    let mut transport = Transport::Local;
-    let mut config = TrainConfig::default();
-    let all: Vec<String> = std::env::args().skip(1).collect();
-    // The size first, so that the figures given beside it override its own.
-    if let Some(i) = all.iter().position(|a| a == "--size") {
-        config = match all.get(i + 1).map(String::as_str) {
-            Some("small") => TrainConfig::default(),
-            Some("gpu") => TrainConfig::gpu(),
-            other => {
-                eprintln!("train_moe: --size {}: small or gpu", other.unwrap_or(""));
-                std::process::exit(2)
-            }
-        }
-    }
-    let mut args = all.into_iter();
-    while let Some(flag) = args.next() {
-        if flag == "--help" || flag == "-h" {
-            println!("{HELP}");
-            return;
-        }
-        let value = args.next().unwrap_or_else(|| {
-            eprintln!("train_moe: {flag} needs a value (see --help)");
-            std::process::exit(2)
-        });
-        let number = || {
-            value.parse::<usize>().unwrap_or_else(|e| {
-                eprintln!("train_moe: {flag} {value}: {e}");
-                std::process::exit(2)
-            })
-        };
-        match flag.as_str() {
-            "--size" => {}
-            "--hidden" => config.hidden = number(),
-            "--ffn" => config.ffn_hidden = number(),
-            "--experts" => config.num_experts = number(),
-            "--top-k" => config.top_k = number(),
-            "--layers" => config.layers = number(),
-            "--tokens" => config.global_tokens = number(),
-            "--vocab" => config.vocab = number(),
-            "--ranks" => ranks = number(),
-            "--steps" => steps = number().max(1),
-            "--sp" => config.sp_size = number(),
-            "--backend" => backend = value,
-            "--transport" => {
-                transport = value.parse().unwrap_or_else(|e| {
-                    eprintln!("train_moe: {e}");
-                    std::process::exit(2)
-                })
-            }
-            other => {
-                eprintln!("train_moe: unknown option {other} (see --help)");
-                std::process::exit(2)
-            }
-        }
-    }
-    if ranks == 0 || config.num_experts % ranks != 0 || config.global_tokens % ranks != 0 {
-        eprintln!(
-            "train_moe: --ranks must divide {} experts and {} tokens",
-            config.num_experts, config.global_tokens
-        );
-        std::process::exit(2);
+    let o = Options::parse();
+    refuse_unbuilt::<Options>(o.backend);
+    let config = o.train_config();
+    let (ranks, steps, transport) = (o.ranks, o.steps, o.transport);
+    if config.num_experts % ranks != 0 || config.global_tokens % ranks != 0 {
+        Options::command()
+            .error(
+                ErrorKind::ValueValidation,
+                format!(
+                    "--ranks {ranks} must divide {} experts and {} tokens",
+                    config.num_experts, config.global_tokens
+                ),
+            )
+            .exit();
     }
     println!(
-        "train_moe: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {backend}, {transport} transport",
-        config.layers, config.num_experts, config.top_k, config.hidden, config.global_tokens
+        "train_moe: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {}, {transport} transport",
+        config.layers,
+        config.num_experts,
+        config.top_k,
+        config.hidden,
+        config.global_tokens,
+        name_of(o.backend)
     );
-    match backend.as_str() {
-        "ndarray" => {
+    match o.backend {
+        BackendName::Ndarray => {
             run::<Autodiff<burn::backend::NdArray<f32>>>(&config, ranks, steps, transport, |_| {
                 Default::default()
             })
         }
         #[cfg(feature = "wgpu")]
-        "wgpu" => run::<Autodiff<Wgpu>>(&config, ranks, steps, transport, |_| Default::default()),
+        BackendName::Wgpu => {
+            run::<Autodiff<Wgpu>>(&config, ranks, steps, transport, |_| Default::default())
+        }
         #[cfg(all(feature = "wgpu", feature = "fusion"))]
-        "wgpu-fusion" => {
+        BackendName::WgpuFusion => {
             run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&config, ranks, steps, transport, |_| {
                 Default::default()
             })
         }
         #[cfg(feature = "cuda")]
-        "cuda" => run::<Autodiff<Cuda>>(
+        BackendName::Cuda => run::<Autodiff<Cuda>>(
             &config,
             ranks,
             steps,
@@ -206,16 +264,57 @@ fn main() {
             burn::backend::cuda::CudaDevice::new,
         ),
         #[cfg(all(feature = "cuda", feature = "fusion"))]
-        "cuda-fusion" => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
+        BackendName::CudaFusion => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
             &config,
             ranks,
             steps,
             transport,
             burn::backend::cuda::CudaDevice::new,
         ),
-        other => {
-            eprintln!("train_moe: backend {other} is not built in (see --help)");
-            std::process::exit(2)
+        // Every backend is built in where every feature is on.
+        #[allow(unreachable_patterns)]
+        other => unreachable!("{other:?} was checked by built_in"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_override_the_size_wherever_they_stand() {
+        let gpu = TrainConfig::gpu();
+        for args in [
+            ["train_moe", "--size", "gpu", "--hidden", "64"],
+            ["train_moe", "--hidden", "64", "--size", "gpu"],
+        ] {
+            let config = Options::try_parse_from(args).unwrap().train_config();
+            assert_eq!(config.hidden, 64);
+            assert_eq!(config.num_experts, gpu.num_experts);
+            assert_eq!(config.global_tokens, gpu.global_tokens);
+        }
+        let small = Options::try_parse_from(["train_moe"])
+            .unwrap()
+            .train_config();
+        assert_eq!(small.hidden, TrainConfig::default().hidden);
+    }
+
+    #[test]
+    fn a_bad_value_is_refused_and_named() {
+        for (flag, value) in [
+            ("--size", "huge"),
+            ("--backend", "tpu"),
+            ("--transport", "infiniband"),
+            ("--steps", "0"),
+            ("--hidden", "wide"),
+        ] {
+            let message = Options::try_parse_from(["train_moe", flag, value])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                message.contains(value) && message.contains(flag),
+                "{message}"
+            );
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Every method has a default written with Burn tensor ops and host arithmetic (the
 //! fallback, used by NdArray); CubeCL backends override them with the kernels of
-//! `ep-kernels`. The steps follow DESIGN.md's data flow; the transport between
+//! `ep-kernels`. The steps follow the data flow of the book's *Architecture*; the transport between
 //! `pack` and `expand` (and between `reduce` and `sum`) belongs to the group.
 //!
 //! Conventions shared by all implementations:

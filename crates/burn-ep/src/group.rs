@@ -186,6 +186,44 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// `[T, K]`. Bad ids, shapes, devices or too many tokens are errors, found on
     /// each rank before any data moves. On an autodiff backend the rows are
     /// differentiable in `x` and the handle's weights in `topk_weights`.
+    ///
+    /// # Example
+    ///
+    /// Two ranks as threads of this process, on the CPU. The experts here are the
+    /// identity, so the combine gives every token the weighted sum of its own row.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use burn::backend::NdArray;
+    /// use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    ///
+    /// type B = NdArray<f32>;
+    /// // 2 ranks, 4 experts (2 on each rank), top-2, hidden 8.
+    /// let config = EpConfig::new(2, 4, 2, 8);
+    /// let timeout = Duration::from_secs(30);
+    /// let results = run_ranks(Transport::Local, &config, timeout, |_, _| Default::default(),
+    ///     |group: EpGroup<B>| {
+    ///         let device = group.device().clone();
+    ///         let x = Tensor::<B, 2>::random([3, 8], Distribution::Default, &device);
+    ///         // Token t chooses experts t and t + 1, weighted 0.75 and 0.25.
+    ///         let ids = TensorData::new(vec![0i64, 1, 1, 2, 2, 3], [3, 2]);
+    ///         let topk_idx = Tensor::<B, 2, Int>::from_data(ids, &device);
+    ///         let topk_weights = Tensor::<B, 2>::from_data([[0.75, 0.25]; 3], &device);
+    ///
+    ///         let d = group.dispatch(x.clone(), topk_idx, topk_weights)?;
+    ///         // d.rows holds this rank's rows, grouped by local expert at
+    ///         // d.routing.expert_offsets(); the experts would run on them here.
+    ///         let out = group.combine(d.rows, &d.routing)?;
+    ///
+    ///         Ok((out - x).abs().max().into_scalar())
+    ///     },
+    /// )?;
+    /// for error in results {
+    ///     assert!(error? < 1e-6);
+    /// }
+    /// # Ok::<(), burn_ep::EpError>(())
+    /// ```
     pub fn dispatch(
         &self,
         x: Tensor<B, 2>,
@@ -357,6 +395,42 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// same rows go to the same places, with no layout and no count exchange. The
     /// rows come in the handle's layout (expert-major `[padded rows, H]`, or
     /// rank-major `[R, H]`).
+    ///
+    /// # Example
+    ///
+    /// A second payload (the gradient of a layer, say) along the route that the
+    /// first dispatch recorded: the same as dispatching it with the same choice.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use burn::backend::NdArray;
+    /// use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    ///
+    /// type B = NdArray<f32>;
+    /// let config = EpConfig::new(2, 4, 2, 8);
+    /// let results = run_ranks(Transport::Local, &config, Duration::from_secs(30),
+    ///     |_, _| Default::default(),
+    ///     |group: EpGroup<B>| {
+    ///         let device = group.device().clone();
+    ///         let random = || Tensor::<B, 2>::random([3, 8], Distribution::Default, &device);
+    ///         let ids = TensorData::new(vec![0i64, 3, 1, 2, 2, -1], [3, 2]);
+    ///         let topk_idx = Tensor::<B, 2, Int>::from_data(ids, &device);
+    ///         let topk_weights = Tensor::<B, 2>::from_data([[0.5, 0.5]; 3], &device);
+    ///         let (x, x2) = (random(), random());
+    ///
+    ///         let d = group.dispatch(x, topk_idx.clone(), topk_weights.clone())?;
+    ///         let replayed = group.dispatch_cached(x2.clone(), &d.routing)?;
+    ///
+    ///         let recorded = group.dispatch(x2, topk_idx, topk_weights)?.rows;
+    ///         Ok(replayed.equal(recorded).all().into_scalar())
+    ///     },
+    /// )?;
+    /// for same in results {
+    ///     assert!(same?);
+    /// }
+    /// # Ok::<(), burn_ep::EpError>(())
+    /// ```
     pub fn dispatch_cached(&self, x: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
         routing.check_payload("x", routing.tokens, x.dims(), x.dtype(), &x.device())?;
@@ -375,6 +449,46 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     ///   weighted and summed over this rank's experts by the caller.
     ///
     /// Then each token sums what comes back from each rank, in rank order.
+    ///
+    /// # Example
+    ///
+    /// Rank-major, with experts that double their rows: each rank sums its own
+    /// experts' outputs per received token (here `2 x` times the token's weights on
+    /// this rank), and the combine adds the ranks' sums, so every token gets `2 x`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use burn::backend::NdArray;
+    /// use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    ///
+    /// type B = NdArray<f32>;
+    /// let config = EpConfig::new(2, 4, 2, 8);
+    /// let results = run_ranks(Transport::Local, &config, Duration::from_secs(30),
+    ///     |_, _| Default::default(),
+    ///     |group: EpGroup<B>| {
+    ///         let device = group.device().clone();
+    ///         let x = Tensor::<B, 2>::random([3, 8], Distribution::Default, &device);
+    ///         let ids = TensorData::new(vec![0i64, 3, 1, 2, 2, 0], [3, 2]);
+    ///         let topk_idx = Tensor::<B, 2, Int>::from_data(ids, &device);
+    ///         let topk_weights = Tensor::<B, 2>::from_data([[0.5, 0.5]; 3], &device);
+    ///
+    ///         let d = group.dispatch_rank_major(x.clone(), topk_idx, topk_weights)?;
+    ///         // [R, K] each: the received tokens' slots as local expert ids (-1 for
+    ///         // another rank's expert) and their weights.
+    ///         let here = d.expert_ids.clone().greater_equal_elem(0).float();
+    ///         let on_this_rank = (d.weights.clone() * here).sum_dim(1);
+    ///         let y = d.rows.clone() * 2.0 * on_this_rank;
+    ///         let out = group.combine(y, &d.routing)?;
+    ///
+    ///         Ok((out - x * 2.0).abs().max().into_scalar())
+    ///     },
+    /// )?;
+    /// for error in results {
+    ///     assert!(error? < 1e-6);
+    /// }
+    /// # Ok::<(), burn_ep::EpError>(())
+    /// ```
     pub fn combine(&self, y: Tensor<B, 2>, routing: &Routing<B>) -> EpResult<Tensor<B, 2>> {
         self.check_handle(routing)?;
         let rows = routing.plan.padded_rows;

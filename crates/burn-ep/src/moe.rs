@@ -398,7 +398,44 @@ impl MoeConfig {
 
 impl<B: ExpertParallelBackend> MoeLayer<B> {
     /// Routes, dispatches, runs this rank's experts and combines. `x` is `[T, H]`;
-    /// the group's `sp_size` pads the token dimension as DESIGN.md states.
+    /// the group's `sp_size` pads the token dimension as the contract states.
+    ///
+    /// # Example
+    ///
+    /// The same layer on one rank and split over two (each holding half the
+    /// experts, the whole router) gives the same output:
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use burn::backend::NdArray;
+    /// use burn::tensor::{Tensor, TensorData};
+    /// use burn_ep::moe::MoeConfig;
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    ///
+    /// type B = NdArray<f32>;
+    /// let layer = MoeConfig::new(16, 32, 4, 2); // hidden, expert width, experts, top-k
+    /// let tokens: Vec<f32> = (0..4 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
+    /// let outputs = |world: usize| {
+    ///     let config = EpConfig::new(world, 4, 2, 16);
+    ///     run_ranks(Transport::Local, &config, Duration::from_secs(30),
+    ///         |_, _| Default::default(),
+    ///         |group: EpGroup<B>| {
+    ///             let device = group.device().clone();
+    ///             let moe = layer.init::<B>(group.rank(), world, 7, &device);
+    ///             // Every rank feeds the same 4 tokens here, to compare.
+    ///             let x = Tensor::<B, 2>::from_data(TensorData::new(tokens.clone(), [4, 16]), &device);
+    ///             let out = moe.forward(x, &group)?.out;
+    ///             Ok(out.into_data().to_vec::<f32>().unwrap())
+    ///         },
+    ///     )
+    /// };
+    /// let one = outputs(1)?.remove(0)?;
+    /// for out in outputs(2)? {
+    ///     let out = out?;
+    ///     assert!(out.iter().zip(&one).all(|(a, b)| (a - b).abs() < 1e-5));
+    /// }
+    /// # Ok::<(), burn_ep::EpError>(())
+    /// ```
     pub fn forward(&self, x: Tensor<B, 2>, group: &EpGroup<B>) -> EpResult<MoeOutput<B>> {
         let routed = self.router.forward(x.clone());
         let d = group.dispatch(x, routed.topk_idx, routed.topk_weights)?;

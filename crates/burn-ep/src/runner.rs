@@ -69,6 +69,27 @@ impl fmt::Display for Transport {
 /// is the CUDA device the cuda-peer transport assigned it (0 on the local
 /// transport). A rank that panics yields [`EpError::PeerFailed`], and its peers'
 /// pending calls fail instead of hanging.
+///
+/// # Example
+///
+/// Four ranks on the CPU, each adding its rank to a sum over the group (see
+/// [`EpGroup::dispatch`] for dispatch and combine):
+///
+/// ```
+/// use std::time::Duration;
+/// use burn::backend::NdArray;
+/// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+///
+/// let config = EpConfig::new(4, 8, 2, 16);
+/// let sums = run_ranks(Transport::Local, &config, Duration::from_secs(30),
+///     |_rank, _ordinal| Default::default(),
+///     |group: EpGroup<NdArray<f32>>| group.all_reduce_sum(vec![group.rank() as f32]),
+/// )?;
+/// for sum in sums {
+///     assert_eq!(sum?, [6.0]);
+/// }
+/// # Ok::<(), burn_ep::EpError>(())
+/// ```
 pub fn run_ranks<B, R, D, F>(
     transport: Transport,
     config: &EpConfig,
@@ -132,6 +153,31 @@ fn needs_cuda(transport: impl fmt::Display) -> EpError {
 ///
 /// A process that never arrives fails the rendezvous by name within `timeout`; a
 /// peer that dies or goes silent later fails every pending call within `timeout`.
+///
+/// # Example
+///
+/// Started once per GPU, e.g. `torchrun --nproc-per-node 8 ./train` (or by hand:
+/// `RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 ./train`, and the
+/// same with `RANK=1`); needs the `cuda` feature:
+///
+/// ```no_run
+/// # #[cfg(feature = "cuda")] {
+/// use std::time::Duration;
+/// use burn::backend::cuda::{Cuda, CudaDevice};
+/// use burn_ep::{launch, EpConfig, EpGroup};
+///
+/// let world = std::env::var("WORLD_SIZE").map_or(Ok(1), |w| w.parse()).unwrap();
+/// let config = EpConfig::new(world, 8 * world, 2, 1024);
+/// let results = launch(&config, Duration::from_secs(60),
+///     |_rank, ordinal| CudaDevice::new(ordinal),
+///     |group: EpGroup<Cuda>| {
+///         // this process's rank(s): build the model, dispatch, combine, train
+///         Ok(group.rank())
+///     },
+/// )?;
+/// # }
+/// # Ok::<(), burn_ep::EpError>(())
+/// ```
 pub fn launch<B, R, D, F>(
     config: &EpConfig,
     timeout: Duration,

@@ -1,6 +1,6 @@
 //! The plain-Rust reference of dispatch, cached dispatch and combine over `W` ranks
-//! held in memory. It is the test oracle: it defines the contract of DESIGN.md
-//! (sentinels, one copy per rank, deterministic order, expert-major output with
+//! held in memory. It is the test oracle: it defines the contract (the book's *The
+//! contract*: sentinels, one copy per rank, deterministic order, expert-major output with
 //! alignment or uniform padding, weighted combine, replay) in the most direct code possible,
 //! and shares no layout code with the backends.
 //!

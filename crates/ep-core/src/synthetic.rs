@@ -1,5 +1,5 @@
-//! Synthetic routings for tests, examples and benchmarks: the patterns DESIGN.md
-//! asks every backend to be checked on. Deterministic for a given seed.
+//! Synthetic routings for tests, examples and benchmarks: the patterns every
+//! backend is checked on. Deterministic for a given seed.
 
 use crate::reference::RankBatch;
 use crate::EpConfig;

@@ -1,4 +1,4 @@
-//! The contract of DESIGN.md, checked on the reference itself.
+//! The contract (the book's *The contract*), checked on the reference itself.
 
 use ep_core::padding::uniform_group_rows;
 use ep_core::reference::{self, RankBatch};
