@@ -656,7 +656,7 @@ fn main() {
             ),
             // Every backend is built in where every feature is on.
             #[allow(unreachable_patterns)]
-            other => unreachable!("{other:?} was checked by built_in"),
+            other => unreachable!("{other:?} was checked by refuse_unbuilt"),
         };
         for p in &phases {
             let (p10, median, p90) = p.stats();

@@ -24,6 +24,12 @@ use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
 type Cuda = burn::backend::Cuda<f32, i32>;
 
+// Only `at_least_one` is used here; the backend names are bench's and train_moe's.
+#[path = "common/cli.rs"]
+#[allow(dead_code)]
+mod cli;
+use cli::at_least_one;
+
 /// nccl_check: a multi-process group checked against the plain-Rust reference.
 #[derive(Debug, Parser)]
 #[command(name = "nccl_check", after_help = EXIT_STATUS)]
@@ -65,14 +71,6 @@ impl Options {
 
     fn kill(&self) -> Option<(usize, usize)> {
         self.kill_rank.map(|rank| (rank, self.kill_step))
-    }
-}
-
-fn at_least_one(value: &str) -> Result<usize, String> {
-    match value.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -112,15 +112,14 @@ impl Options {
 /// Rank 0's progress: a bar on a terminal, else a plain line every tenth of the run
 /// (and at the last step), so that logs stay readable.
 struct Progress {
+    /// Hidden off a terminal.
     bar: ProgressBar,
-    on_terminal: bool,
     steps: usize,
 }
 
 impl Progress {
     fn new(steps: usize) -> Self {
-        let on_terminal = std::io::stderr().is_terminal();
-        let bar = if on_terminal {
+        let bar = if std::io::stderr().is_terminal() {
             ProgressBar::new(steps as u64).with_style(
                 ProgressStyle::with_template("[{bar:30}] step {pos:>4}/{len}  {msg}")
                     .expect("a valid template")
@@ -129,16 +128,12 @@ impl Progress {
         } else {
             ProgressBar::hidden()
         };
-        Self {
-            bar,
-            on_terminal,
-            steps,
-        }
+        Self { bar, steps }
     }
 
     fn step(&self, step: usize, loss: f32, tokens_per_second: f64) {
         let message = format!("loss {loss:.4}  {tokens_per_second:>8.0} tokens/s");
-        if self.on_terminal {
+        if !self.bar.is_hidden() {
             self.bar.set_position(step as u64);
             self.bar.set_message(message);
         } else if step.is_multiple_of(self.steps.div_ceil(10)) || step == self.steps {
@@ -273,7 +268,7 @@ fn main() {
         ),
         // Every backend is built in where every feature is on.
         #[allow(unreachable_patterns)]
-        other => unreachable!("{other:?} was checked by built_in"),
+        other => unreachable!("{other:?} was checked by refuse_unbuilt"),
     }
 }
 
