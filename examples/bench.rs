@@ -38,8 +38,9 @@ type Cuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
 const NOTES: &str = "Every rank times every run: device sync, barrier of all ranks, clock, the
 operation, device sync, clock. A run's time is the slowest rank's; p10, median and
 p90 are over the runs. Counts are per rank and run (the most of any rank): host
-synchronisations, control messages, row exchanges, burn-ep's kernel launches.
-GB/s is DeepEP's convention: every row received, times H, times the element size,
+synchronisations, control messages, row exchanges, burn-ep's kernel launches, and
+the MB a device transport sent (a rank's own rows never cross when its kernels place
+them). GB/s is DeepEP's convention: every row received, times H, times the element size,
 over the median. The HBM floor (CUDA) is the fewest bytes the operation must read
 and write on the busiest GPU (the expert-major layout: sent rows read, padded rows
 written; combine: padded rows read, tokens written; rank-major: received rows in
@@ -179,6 +180,7 @@ impl Phase {
                 control_messages: max_counts(|c| c.control_messages),
                 exchanges: max_counts(|c| c.exchanges),
                 kernel_launches: max_counts(|c| c.kernel_launches),
+                sent_bytes: max_counts(|c| c.sent_bytes),
             },
             flops: first.flops,
         }
@@ -590,7 +592,7 @@ fn main() {
     // Ranks on one GPU share its HBM: their floors add up.
     let shared_gpu = o.transport == Transport::Local || rates.gpus < 2;
     println!(
-        "{:>6}  {:<30} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
+        "{:>6}  {:<30} {:>9} {:>9} {:>9} {:>8} {:>8} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5} {:>8}",
         "T",
         "phase",
         "p10 µs",
@@ -604,7 +606,8 @@ fn main() {
         "syncs",
         "ctrl",
         "exch",
-        "kern"
+        "kern",
+        "MB sent"
     );
     let mut json = Vec::new();
     for (n, &tokens) in o.tokens.iter().enumerate() {
@@ -670,7 +673,7 @@ fn main() {
             let shown = |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("-".into(), f);
             let c = p.counts;
             println!(
-                "{tokens:>6}  {:<30} {p10:>9.1} {median:>9.1} {p90:>9.1} {:>8.2} {gbps:>8.2} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5}",
+                "{tokens:>6}  {:<30} {p10:>9.1} {median:>9.1} {p90:>9.1} {:>8.2} {gbps:>8.2} {:>8} {:>9} {:>8} {:>5} {:>4} {:>4} {:>5} {:>8.2}",
                 p.name,
                 p.bytes as f64 / 1e6,
                 shown(fraction, &|f| format!("{:.1}%", 100.0 * f)),
@@ -680,6 +683,7 @@ fn main() {
                 c.control_messages,
                 c.exchanges,
                 c.kernel_launches,
+                c.sent_bytes as f64 / 1e6,
             );
             if p.flops > 0 {
                 let tflops = p.flops as f64 / (median * 1e-6) / 1e12;
@@ -690,7 +694,7 @@ fn main() {
             }
             let json_num = |v: Option<f64>| v.map_or("null".into(), |v| format!("{v:.4}"));
             json.push(format!(
-                "{{\"tokens\":{tokens},\"phase\":\"{}\",\"p10_us\":{p10:.2},\"median_us\":{median:.2},\"p90_us\":{p90:.2},\"bytes\":{},\"gbps\":{gbps:.3},\"ceiling_fraction\":{},\"floor_us\":{},\"host_syncs\":{},\"control_messages\":{},\"exchanges\":{},\"kernel_launches\":{}}}",
+                "{{\"tokens\":{tokens},\"phase\":\"{}\",\"p10_us\":{p10:.2},\"median_us\":{median:.2},\"p90_us\":{p90:.2},\"bytes\":{},\"gbps\":{gbps:.3},\"ceiling_fraction\":{},\"floor_us\":{},\"host_syncs\":{},\"control_messages\":{},\"exchanges\":{},\"kernel_launches\":{},\"sent_bytes\":{}}}",
                 p.name,
                 p.bytes,
                 json_num(fraction),
@@ -699,6 +703,7 @@ fn main() {
                 c.control_messages,
                 c.exchanges,
                 c.kernel_launches,
+                c.sent_bytes,
             ));
         }
     }

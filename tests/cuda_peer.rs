@@ -124,15 +124,7 @@ mod on_cuda {
         for (l, (batches, fresh)) in layers.iter().enumerate() {
             let expected = reference::dispatch(&config, batches).unwrap();
             let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();
-            let outputs: Vec<Vec<f32>> = expected
-                .iter()
-                .enumerate()
-                .map(|(rank, e)| {
-                    let offsets = config.expert_offsets(&e.routing.expert_counts);
-                    apply_experts_host(&e.rows, &offsets, rank * local, h)
-                })
-                .collect();
-            let combined = reference::combine(&config, batches, &routings, &outputs);
+            let combined = reference_combine(&config, batches, &expected);
             let xs: Vec<&[f32]> = fresh.iter().map(|b| b.x.as_slice()).collect();
             let replayed = reference::dispatch_cached(&routings, &xs, h);
             for (rank, outcome) in outcomes.iter().enumerate() {
@@ -146,6 +138,116 @@ mod on_cuda {
                 );
                 assert_eq!(replay, &replayed[rank], "layer {l} rank {rank}: replay");
             }
+        }
+    }
+
+    /// What one rank saw: the bytes each operation sent (recording dispatch,
+    /// replay, combine, then rank-major dispatch and its combine), the dispatched
+    /// rows, the combine, and the rank-major combine.
+    type OwnRowsOutcome = ([u64; 5], Vec<f32>, Vec<f32>, Vec<f32>);
+
+    /// A rank's own rows never cross the transport: the pack writes them to their
+    /// place in the rank's receive buffers and combine's sum reads them where they
+    /// are. What each operation sent (the transport's own count) is the rows bound
+    /// for other ranks, counted from the reference's routing; a full all-to-all
+    /// would send the rank's own rows as well. The rows and sums still match the
+    /// reference, in both layouts.
+    #[rstest]
+    fn own_rows_never_cross_the_transport(
+        #[values(2, 3)] world: usize,
+        #[values(RoutingPattern::Uniform, RoutingPattern::AllToOneRank)] pattern: RoutingPattern,
+    ) {
+        use ep_core::{counters, reference};
+        let config = EpConfig::new(world, 2 * world, 2, 24);
+        let (k, h, local) = (config.top_k, config.hidden_size, config.experts_per_rank());
+        let batches = synthetic_batches(&config, 33, pattern, SentinelPattern::RandomTenth, 9);
+        let expected = reference::dispatch(&config, &batches).unwrap();
+        let device = Default::default();
+
+        let outcomes: Vec<OwnRowsOutcome> =
+            run_group_on::<Cube, _, _>(Transport::CudaPeer, &config, &device, |group| {
+                let rank = group.rank();
+                let (x, idx, w) = inputs::<Cube>(&batches[rank], k, &device);
+                let sent_by = |call: &mut dyn FnMut()| {
+                    let before = counters::snapshot();
+                    call();
+                    (counters::snapshot() - before).sent_bytes
+                };
+                let mut bytes = [0; 5];
+                let mut d = None;
+                bytes[0] =
+                    sent_by(&mut || d = Some(group.dispatch(x.clone(), idx.clone(), w.clone())));
+                let d = d.unwrap()?;
+                let mut r = None;
+                bytes[1] = sent_by(&mut || r = Some(group.dispatch_cached(x.clone(), &d.routing)));
+                let offsets = d.routing.expert_offsets().to_vec();
+                let y = apply_experts(d.rows.clone(), &offsets, rank * local);
+                let mut c = None;
+                bytes[2] = sent_by(&mut || c = Some(group.combine(y.clone(), &d.routing)));
+                let mut m = None;
+                bytes[3] = sent_by(&mut || {
+                    m = Some(group.dispatch_rank_major(x.clone(), idx.clone(), w.clone()))
+                });
+                let m = m.unwrap()?;
+                // Identity experts: each token comes back once from every rank it
+                // went to.
+                let mut back = None;
+                bytes[4] = sent_by(&mut || back = Some(group.combine(m.rows.clone(), &m.routing)));
+                Ok((bytes, host(d.rows), host(c.unwrap()?), host(back.unwrap()?)))
+            })
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+
+        // Rows rank `s` sends rank `d`: those `d` received from `s`.
+        let rows_between = |s: usize, d: usize| {
+            expected[d]
+                .routing
+                .received
+                .iter()
+                .filter(|&&(src, _)| src == s)
+                .count() as u64
+        };
+        let combined = reference_combine(&config, &batches, &expected);
+        let (row, meta) = (4 * h as u64, 4 * k as u64);
+        for (rank, (bytes, rows, combine, rank_major_back)) in outcomes.iter().enumerate() {
+            let peers = (0..world).filter(|&p| p != rank);
+            let out: u64 = peers.clone().map(|d| rows_between(rank, d)).sum();
+            let back: u64 = peers.map(|s| rows_between(s, rank)).sum();
+            let record = out * (row + 2 * meta);
+            assert_eq!(
+                bytes,
+                &[record, out * row, back * row, record, back * row],
+                "rank {rank}: bytes sent by dispatch, replay, combine, rank-major dispatch, \
+                 its combine ({} of its rows are its own)",
+                rows_between(rank, rank)
+            );
+            assert_eq!(rows, &expected[rank].rows, "rank {rank}: rows");
+            let scale = expert_scale(config.num_experts - 1);
+            assert_combine_eq(
+                combine,
+                &combined[rank],
+                scale,
+                &format!("rank {rank}: combine"),
+            );
+            let batch = &batches[rank];
+            let want: Vec<f32> = (0..batch.tokens)
+                .flat_map(|t| {
+                    let ids = &batch.topk_idx[t * k..(t + 1) * k];
+                    let ranks = (0..world)
+                        .filter(|&r| ids.iter().any(|&e| e >= 0 && e as usize / local == r))
+                        .count();
+                    batch.x[t * h..(t + 1) * h]
+                        .iter()
+                        .map(move |&v| v * ranks as f32)
+                })
+                .collect();
+            assert_combine_eq(
+                rank_major_back,
+                &want,
+                world as f32,
+                &format!("rank {rank}: rank-major combine"),
+            );
         }
     }
 

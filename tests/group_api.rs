@@ -26,18 +26,11 @@ fn on(
 
 /// The reference's dispatch, the test experts and combine: each rank's output.
 fn reference_round_trip(config: &EpConfig, batches: &[RankBatch]) -> Vec<Vec<f32>> {
-    let local = config.experts_per_rank();
-    let expected = reference::dispatch(config, batches).unwrap();
-    let outputs: Vec<Vec<f32>> = expected
-        .iter()
-        .enumerate()
-        .map(|(rank, e)| {
-            let offsets = config.expert_offsets(&e.routing.expert_counts);
-            apply_experts_host(&e.rows, &offsets, rank * local, config.hidden_size)
-        })
-        .collect();
-    let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();
-    reference::combine(config, batches, &routings, &outputs)
+    reference_combine(
+        config,
+        batches,
+        &reference::dispatch(config, batches).unwrap(),
+    )
 }
 
 /// One group, three layers: three dispatches with three handles, then the combines

@@ -245,6 +245,26 @@ pub fn apply_experts_host(
     out
 }
 
+/// The reference's combine of the stand-in experts' outputs on the reference's
+/// dispatch `expected` of `batches`: each rank's output.
+pub fn reference_combine(
+    config: &EpConfig,
+    batches: &[RankBatch],
+    expected: &[reference::ReferenceDispatch],
+) -> Vec<Vec<f32>> {
+    let local = config.experts_per_rank();
+    let outputs: Vec<Vec<f32>> = expected
+        .iter()
+        .enumerate()
+        .map(|(rank, e)| {
+            let offsets = config.expert_offsets(&e.routing.expert_counts);
+            apply_experts_host(&e.rows, &offsets, rank * local, config.hidden_size)
+        })
+        .collect();
+    let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();
+    reference::combine(config, batches, &routings, &outputs)
+}
+
 /// The stand-in experts applied with tensor ops to one rank's expert-major rows.
 pub fn apply_experts<B: ExpertParallelBackend>(
     rows: Tensor<B, 2>,

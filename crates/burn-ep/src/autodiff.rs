@@ -35,7 +35,7 @@ use ep_core::{EpConfig, EpError, EpResult};
 
 use crate::backend::{
     zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows,
-    RouterScoring,
+    RecordedRoute, RouterScoring,
 };
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 use crate::order::PendingToken;
@@ -366,7 +366,6 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
     /// Two tracked operations on one exchange: the rows (a dispatch of `x`) and the
     /// received weights (the weights' route), in that order, as if they had moved
     /// one after the other.
-    #[allow(clippy::type_complexity)]
     fn ep_record_route(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
@@ -374,10 +373,7 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         expert_offsets: &[usize],
         plan: &mut Plan<Self>,
         exchange: &SharedExchange,
-    ) -> EpResult<(
-        FloatTensor<Self>,
-        Option<(FloatTensor<Self>, IntTensor<Self>)>,
-    )> {
+    ) -> EpResult<RecordedRoute<Self>> {
         let (rows, received) = B::ep_record_route(
             x.primitive.clone(),
             weights.primitive.clone(),

@@ -82,6 +82,27 @@ pub struct RoutePlan<I, D> {
 pub type Plan<B> = RoutePlan<IntTensor<B>, <B as burn::tensor::backend::BackendTypes>::Device>;
 
 impl<I, D> RoutePlan<I, D> {
+    /// The same plan with its int tensors mapped by `f`: another backend's view of
+    /// it (a wrapping backend's plan as its inner backend sees it).
+    pub fn map_ints<J>(&self, f: impl Fn(I) -> J) -> RoutePlan<J, D>
+    where
+        I: Clone,
+        D: Clone,
+    {
+        RoutePlan {
+            handle: self.handle,
+            tokens: self.tokens,
+            send_counts: self.send_counts.clone(),
+            recv_counts: self.recv_counts.clone(),
+            layout: self.layout,
+            padded_rows: self.padded_rows,
+            pads: self.pads.clone(),
+            device: self.device.clone(),
+            slots: self.slots.clone().map(&f),
+            positions: self.positions.clone().map(&f),
+        }
+    }
+
     pub fn sent_rows(&self) -> usize {
         self.send_counts.iter().sum()
     }
@@ -123,6 +144,11 @@ pub struct RecordRows<B: Backend> {
     pub weights: FloatTensor<B>,
     pub expert_ids: IntTensor<B>,
 }
+
+/// What a recording dispatch's route returns: the rows in the plan's layout, and
+/// the received weights and destination-local expert ids `[R, K]` (`None` when
+/// nothing came).
+pub type RecordedRoute<B> = (FloatTensor<B>, Option<(FloatTensor<B>, IntTensor<B>)>);
 
 /// The routing metadata a recording pack derives beside the rows. (The weights are
 /// not metadata: they travel as a payload of their own, differentiably.)
@@ -582,7 +608,6 @@ pub trait ExpertParallelBackend: Backend {
     /// destination-local expert ids, `[R, K]` each (`None` when nothing came). In
     /// the expert-major layout the received ids give `plan.positions` (from each
     /// local expert's group start, `expert_offsets`), and the rows are expanded.
-    #[allow(clippy::type_complexity)]
     fn ep_record_route(
         x: FloatTensor<Self>,
         weights: FloatTensor<Self>,
@@ -590,48 +615,8 @@ pub trait ExpertParallelBackend: Backend {
         expert_offsets: &[usize],
         plan: &mut Plan<Self>,
         exchange: &SharedExchange,
-    ) -> EpResult<(
-        FloatTensor<Self>,
-        Option<(FloatTensor<Self>, IntTensor<Self>)>,
-    )> {
-        let ([_, hidden], [_, top_k]) = (x.shape().dims(), weights.shape().dims());
-        let dtypes = [x.dtype(), weights.dtype()];
-        let sent = plan.send_slots().map(|slots| {
-            let rows = Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0;
-            let meta = PackMeta {
-                topk_idx,
-                experts_per_rank: expert_offsets.len(),
-            };
-            let (weights, ids) =
-                Self::ep_pack(weights, slots.clone(), plan.sent_rows(), Some(meta));
-            RecordRows {
-                rows,
-                weights,
-                expert_ids: ids.expect("a recording pack returns its metadata"),
-            }
-        });
-        let received = Self::ep_exchange_record(
-            ExchangeTag::new(plan.handle, ExchangeOp::Record),
-            sent,
-            [hidden, top_k],
-            dtypes,
-            &plan.send_counts,
-            &plan.recv_counts,
-            &plan.device,
-            exchange,
-        )?;
-        let Some(received) = received else {
-            let rows = zeros::<Self>([plan.padded_rows, hidden], &plan.device, dtypes[0]);
-            return Ok((rows, None));
-        };
-        let ids = received.expert_ids;
-        if plan.rank_major() {
-            return Ok((received.rows, Some((received.weights, ids))));
-        }
-        let positions = Self::ep_expert_positions(ids.clone(), expert_offsets);
-        plan.positions = Some(positions.clone());
-        let rows = Self::ep_expand(received.rows, positions, plan.padded_rows, &plan.pads);
-        Ok((rows, Some((received.weights, ids))))
+    ) -> EpResult<RecordedRoute<Self>> {
+        record_route_in_steps::<Self>(x, weights, topk_idx, expert_offsets, plan, exchange)
     }
 
     /// Route rows: `x [T, C]` packed and sent along the route; returns the received
@@ -643,21 +628,7 @@ pub trait ExpertParallelBackend: Backend {
         exchange: &SharedExchange,
         op: ExchangeOp,
     ) -> EpResult<Option<FloatTensor<Self>>> {
-        let x_t = float::<Self, 2>(x.clone());
-        let (cols, dtype) = (x_t.dims()[1], x_t.dtype());
-        let packed = plan
-            .send_slots()
-            .map(|slots| Self::ep_pack(x, slots.clone(), plan.sent_rows(), None).0);
-        Self::ep_exchange(
-            ExchangeTag::new(plan.handle, op),
-            packed,
-            cols,
-            dtype,
-            &plan.send_counts,
-            &plan.recv_counts,
-            &plan.device,
-            exchange,
-        )
+        route_rows_in_steps::<Self>(x, plan, exchange, op)
     }
 
     /// Return rows: received-side rows `[R, C]` sent back to their sources, where each
@@ -671,20 +642,7 @@ pub trait ExpertParallelBackend: Backend {
         exchange: &SharedExchange,
         op: ExchangeOp,
     ) -> EpResult<FloatTensor<Self>> {
-        let back = Self::ep_exchange(
-            ExchangeTag::new(plan.handle, op),
-            rows,
-            cols,
-            dtype,
-            &plan.recv_counts,
-            &plan.send_counts,
-            &plan.device,
-            exchange,
-        )?;
-        Ok(match (back, &plan.slots) {
-            (Some(back), Some(slots)) => Self::ep_sum(back, slots.clone()),
-            _ => zeros::<Self>([plan.tokens, cols], &plan.device, dtype),
-        })
+        return_rows_in_steps::<Self>(rows, cols, dtype, plan, exchange, op)
     }
 
     /// Dispatch of a payload along a recorded route, a cached dispatch: `x [T, H]` to
@@ -738,6 +696,126 @@ pub trait ExpertParallelBackend: Backend {
         };
         Self::ep_return_rows(reduced, hidden, dtype, plan, exchange, op)
     }
+}
+
+/// [`ExpertParallelBackend::ep_record_route`] made of the backend's steps: two
+/// packs, the exchange of three planes, and (expert-major) positions and expand.
+pub(crate) fn record_route_in_steps<B: ExpertParallelBackend>(
+    x: FloatTensor<B>,
+    weights: FloatTensor<B>,
+    topk_idx: IntTensor<B>,
+    expert_offsets: &[usize],
+    plan: &mut Plan<B>,
+    exchange: &SharedExchange,
+) -> EpResult<RecordedRoute<B>> {
+    let ([_, hidden], [_, top_k]) = (x.shape().dims(), weights.shape().dims());
+    let dtypes = [x.dtype(), weights.dtype()];
+    let sent = plan.send_slots().map(|slots| {
+        let rows = B::ep_pack(x, slots.clone(), plan.sent_rows(), None).0;
+        let meta = PackMeta {
+            topk_idx,
+            experts_per_rank: expert_offsets.len(),
+        };
+        let (weights, ids) = B::ep_pack(weights, slots.clone(), plan.sent_rows(), Some(meta));
+        RecordRows {
+            rows,
+            weights,
+            expert_ids: ids.expect("a recording pack returns its metadata"),
+        }
+    });
+    let received = B::ep_exchange_record(
+        ExchangeTag::new(plan.handle, ExchangeOp::Record),
+        sent,
+        [hidden, top_k],
+        dtypes,
+        &plan.send_counts,
+        &plan.recv_counts,
+        &plan.device,
+        exchange,
+    )?;
+    Ok(record_layout::<B>(
+        received,
+        hidden,
+        dtypes[0],
+        expert_offsets,
+        plan,
+    ))
+}
+
+/// What a recording dispatch returns from what its exchange `received`: the rows
+/// in the plan's layout (expanded expert-major, after deriving `plan.positions`
+/// from the received ids; zeros of `dtype` when nothing came) and the received
+/// weights and expert ids.
+pub(crate) fn record_layout<B: ExpertParallelBackend>(
+    received: Option<RecordRows<B>>,
+    hidden: usize,
+    dtype: DType,
+    expert_offsets: &[usize],
+    plan: &mut Plan<B>,
+) -> RecordedRoute<B> {
+    let Some(received) = received else {
+        let rows = zeros::<B>([plan.padded_rows, hidden], &plan.device, dtype);
+        return (rows, None);
+    };
+    let ids = received.expert_ids;
+    if plan.rank_major() {
+        return (received.rows, Some((received.weights, ids)));
+    }
+    let positions = B::ep_expert_positions(ids.clone(), expert_offsets);
+    plan.positions = Some(positions.clone());
+    let rows = B::ep_expand(received.rows, positions, plan.padded_rows, &plan.pads);
+    (rows, Some((received.weights, ids)))
+}
+
+/// [`ExpertParallelBackend::ep_route_rows`] made of the backend's steps: a pack,
+/// then the exchange.
+pub(crate) fn route_rows_in_steps<B: ExpertParallelBackend>(
+    x: FloatTensor<B>,
+    plan: &Plan<B>,
+    exchange: &SharedExchange,
+    op: ExchangeOp,
+) -> EpResult<Option<FloatTensor<B>>> {
+    let x_t = float::<B, 2>(x.clone());
+    let (cols, dtype) = (x_t.dims()[1], x_t.dtype());
+    let packed = plan
+        .send_slots()
+        .map(|slots| B::ep_pack(x, slots.clone(), plan.sent_rows(), None).0);
+    B::ep_exchange(
+        ExchangeTag::new(plan.handle, op),
+        packed,
+        cols,
+        dtype,
+        &plan.send_counts,
+        &plan.recv_counts,
+        &plan.device,
+        exchange,
+    )
+}
+
+/// [`ExpertParallelBackend::ep_return_rows`] made of the backend's steps: the
+/// exchange, then the sum.
+pub(crate) fn return_rows_in_steps<B: ExpertParallelBackend>(
+    rows: Option<FloatTensor<B>>,
+    cols: usize,
+    dtype: DType,
+    plan: &Plan<B>,
+    exchange: &SharedExchange,
+    op: ExchangeOp,
+) -> EpResult<FloatTensor<B>> {
+    let back = B::ep_exchange(
+        ExchangeTag::new(plan.handle, op),
+        rows,
+        cols,
+        dtype,
+        &plan.recv_counts,
+        &plan.send_counts,
+        &plan.device,
+        exchange,
+    )?;
+    Ok(match (back, &plan.slots) {
+        (Some(back), Some(slots)) => B::ep_sum(back, slots.clone()),
+        _ => zeros::<B>([plan.tokens, cols], &plan.device, dtype),
+    })
 }
 
 /// [`ExpertParallelBackend::ep_batched_matmul`] on Burn's matmul: a transposed

@@ -13,13 +13,19 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use cubecl::features::Plane;
 use cubecl::prelude::*;
 use ep_core::{counters, validate, EpConfig, EpError, EpResult};
+use ep_kernels::pack::LocalSegmentLaunch;
 use ep_kernels::{combine_grad, expand, layout, pack, reduce, router, slots, sum, swiglu, topk};
 
 use crate::backend::{
-    ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows, RouterScoring,
+    record_layout, record_route_in_steps, return_rows_in_steps, route_rows_in_steps, zeros,
+    ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows, RecordedRoute,
+    RouterScoring,
 };
 use crate::cube_exchange::device_exchange;
-use crate::exchange::{host_exchange, host_exchange_record, ExchangeTag, SharedExchange};
+use crate::cube_route;
+use crate::exchange::{
+    host_exchange, host_exchange_record, ExchangeOp, ExchangeTag, SharedExchange,
+};
 
 /// Units per cube for kernels with one unit per element.
 const ELEMENT_BLOCK: u32 = 256;
@@ -179,6 +185,74 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
         }))
     }
 
+    fn ep_record_route(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        topk_idx: IntTensor<Self>,
+        expert_offsets: &[usize],
+        plan: &mut Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<RecordedRoute<Self>> {
+        if !exchange.has_device_path() {
+            return record_route_in_steps::<Self>(
+                x,
+                weights,
+                topk_idx,
+                expert_offsets,
+                plan,
+                exchange,
+            );
+        }
+        let (hidden, dtype) = (x.shape()[1], x.dtype);
+        let received = cube_route::record_exchange(
+            x,
+            weights,
+            topk_idx,
+            expert_offsets.len(),
+            plan,
+            exchange,
+        )?;
+        let received = received.map(|[rows, weights, expert_ids]| RecordRows {
+            rows,
+            weights,
+            expert_ids,
+        });
+        Ok(record_layout::<Self>(
+            received,
+            hidden,
+            dtype,
+            expert_offsets,
+            plan,
+        ))
+    }
+
+    fn ep_route_rows(
+        x: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+        op: ExchangeOp,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        if !exchange.has_device_path() {
+            return route_rows_in_steps::<Self>(x, plan, exchange, op);
+        }
+        cube_route::route_rows(x, plan, exchange, op)
+    }
+
+    fn ep_return_rows(
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+        op: ExchangeOp,
+    ) -> EpResult<FloatTensor<Self>> {
+        if !exchange.has_device_path() {
+            return return_rows_in_steps::<Self>(rows, cols, dtype, plan, exchange, op);
+        }
+        let summed = cube_route::return_rows(rows, (cols, dtype), plan, exchange, op)?;
+        Ok(summed.unwrap_or_else(|| zeros::<Self>([plan.tokens, cols], &plan.device, dtype)))
+    }
+
     fn ep_pack(
         x: FloatTensor<Self>,
         slots: IntTensor<Self>,
@@ -198,7 +272,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
                 experts_per_rank: m.experts_per_rank,
             }
         });
-        launch_pack::<R>(&x, &slots, &out, meta.as_ref());
+        launch_pack::<R>(&x, &slots, &out, meta.as_ref(), None);
         (out, meta.map(|m| m.out_local))
     }
 
@@ -578,43 +652,88 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertPara
     }
 
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
-        let (back, slots) = (into_contiguous(back), into_contiguous(slots));
-        let [_, hidden] = dims2(&back);
-        let [tokens, world] = dims2(&slots);
-        let out = alloc::<R, _>(&back.client, &back.device, [tokens, hidden], back.dtype);
-        let n = vector_size::<R>(&back.client, hidden, back.dtype);
-        counters::kernel_launch();
-        sum::sum_kernel::launch::<R>(
-            &back.client,
-            row_count(tokens),
-            CubeDim::new_1d(ROW_BLOCK),
-            n,
-            back.clone().into_array_arg(),
-            slots.clone().into_array_arg(),
-            out.clone().into_array_arg(),
-            tokens,
-            world,
-            hidden / n,
-            [back.dtype.into(), slots.dtype.into()],
-        );
-        out
+        launch_sum::<R>(&into_contiguous(back), &into_contiguous(slots), None)
     }
 }
 
+/// One rank's own rows, placed by the kernels straight into its receive buffers
+/// so that no transport copies them: its send segment starts at row `from` of the
+/// send buffer, its receive segment at row `to` of the receive buffer.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct OwnRows {
+    pub rank: usize,
+    pub from: usize,
+    pub to: usize,
+}
+
+impl OwnRows {
+    fn launch_arg<R: CubeRuntime>(own: Option<Self>, world: usize) -> LocalSegmentLaunch<R> {
+        // Rank `world` is no rank: every row goes through the send buffer.
+        let own = own.unwrap_or(OwnRows {
+            rank: world,
+            from: 0,
+            to: 0,
+        });
+        LocalSegmentLaunch::new(own.rank, own.from, own.to)
+    }
+}
+
+/// Where a pack puts the rows (and, recording, the expert ids) of this rank's own
+/// segment: its receive buffers.
+pub(crate) struct OwnPlacement<'a, R: CubeRuntime> {
+    pub own: OwnRows,
+    pub rows: &'a CubeTensor<R>,
+    pub ids: Option<&'a CubeTensor<R>>,
+}
+
+/// Sum launch: `out [T, H]`, each token the sum of its rows of `back` (contiguous,
+/// slots contiguous). With `own`, the rows of that rank's segment are read from
+/// `own`'s tensor (the rows it returns, which no transport copied).
+pub(crate) fn launch_sum<R: CubeRuntime>(
+    back: &CubeTensor<R>,
+    slots: &CubeTensor<R>,
+    own: Option<(OwnRows, &CubeTensor<R>)>,
+) -> CubeTensor<R> {
+    let [_, hidden] = dims2(back);
+    let [tokens, world] = dims2(slots);
+    let out = alloc::<R, _>(&back.client, &back.device, [tokens, hidden], back.dtype);
+    let n = vector_size::<R>(&back.client, hidden, back.dtype);
+    let local = own.map_or(back, |(_, rows)| rows);
+    counters::kernel_launch();
+    sum::sum_kernel::launch::<R>(
+        &back.client,
+        row_count(tokens),
+        CubeDim::new_1d(ROW_BLOCK),
+        n,
+        back.clone().into_array_arg(),
+        slots.clone().into_array_arg(),
+        local.clone().into_array_arg(),
+        out.clone().into_array_arg(),
+        tokens,
+        world,
+        hidden / n,
+        OwnRows::launch_arg(own.map(|(own, _)| own), world),
+        [back.dtype.into(), slots.dtype.into()],
+    );
+    out
+}
+
 /// The metadata a recording pack reads and writes.
-struct MetaBuffers<R: CubeRuntime> {
-    idx: CubeTensor<R>,
-    out_local: CubeTensor<R>,
-    experts_per_rank: usize,
+pub(crate) struct MetaBuffers<R: CubeRuntime> {
+    pub idx: CubeTensor<R>,
+    pub out_local: CubeTensor<R>,
+    pub experts_per_rank: usize,
 }
 
 /// Pack launch. `meta` is given when recording; replays pass `None` and the
-/// kernel's launch-uniform `record` flag skips the metadata.
-fn launch_pack<R: CubeRuntime>(
+/// kernel's launch-uniform `record` flag skips the metadata. With `own`, the rows
+/// of that rank's segment go to its receive buffers instead of `out`.
+pub(crate) fn launch_pack<R: CubeRuntime>(
     x: &CubeTensor<R>,
     slots: &CubeTensor<R>,
     out: &CubeTensor<R>,
     meta: Option<&MetaBuffers<R>>,
+    own: Option<OwnPlacement<'_, R>>,
 ) {
     let [tokens, hidden] = dims2(x);
     let world = dims2(slots)[1];
@@ -630,6 +749,13 @@ fn launch_pack<R: CubeRuntime>(
         ),
         None => (slots.clone(), slots.clone(), 0, 1, 0),
     };
+    // Without a placement, the send buffers stand in (no row is written there).
+    let local_rows = own.as_ref().map_or(out, |o| o.rows).clone();
+    let local_ids = own
+        .as_ref()
+        .and_then(|o| o.ids)
+        .unwrap_or(&out_local)
+        .clone();
     let dtypes = [x.dtype.into(), idx.dtype.into()];
     counters::kernel_launch();
     pack::pack_kernel::launch::<R>(
@@ -642,12 +768,15 @@ fn launch_pack<R: CubeRuntime>(
         out.clone().into_array_arg(),
         idx.into_array_arg(),
         out_local.into_array_arg(),
+        local_rows.into_array_arg(),
+        local_ids.into_array_arg(),
         tokens,
         world,
         hidden / n,
         top_k,
         experts_per_rank,
         record,
+        OwnRows::launch_arg(own.map(|o| o.own), world),
         dtypes,
     );
 }

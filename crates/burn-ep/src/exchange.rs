@@ -276,6 +276,13 @@ impl SharedExchange {
         self.0.rows.device().is_some()
     }
 
+    /// Whether a rank's kernels place its own rows in its receive buffers, so the
+    /// device transport moves only the rows between distinct ranks (unless the
+    /// transport asks to move them itself, see [`DeviceExchange::moves_own_rows`]).
+    pub(crate) fn places_own_rows(&self) -> bool {
+        self.0.rows.device().is_some_and(|d| !d.moves_own_rows())
+    }
+
     /// Tells every peer what this rank is about to exchange and checks that each
     /// peer is making the same exchange, with the row count this rank expects from
     /// it. Nothing has moved when this fails.
@@ -321,13 +328,15 @@ impl SharedExchange {
 
     /// The checked device path (see [`DeviceExchange::all_to_all_v`]): the
     /// transport checks the pairing, in its first message where it has one, and
-    /// orders the exchange on `stream`.
+    /// orders the exchange on `stream`. With `local_placed` this rank's own rows
+    /// are already in its receive buffers and do not move.
     pub fn device_all_to_all(
         &self,
         tag: ExchangeTag,
         planes: &[Plane],
         send_counts: &[usize],
         recv_counts: &[usize],
+        local_placed: bool,
         stream: u64,
     ) -> EpResult<()> {
         let transport = self.0.rows.device().ok_or_else(|| {
@@ -336,7 +345,14 @@ impl SharedExchange {
         self.check_healthy()?;
         let pairing = self.pairing(tag, send_counts, recv_counts);
         counters::exchange();
-        transport.all_to_all_v(planes, send_counts, recv_counts, &pairing, stream)
+        transport.all_to_all_v(
+            planes,
+            send_counts,
+            recv_counts,
+            local_placed,
+            &pairing,
+            stream,
+        )
     }
 }
 

@@ -6,8 +6,9 @@
 //! Handing a tensor over drains the fusion stream that made it, so the fused work
 //! queued before an operation runs first; Burn's own operations around burn-ep's
 //! still fuse with each other (the optimizer's step, norms, activations). The
-//! operations whose default is made of Burn ops (the route, the exchange's plan)
-//! are not forwarded: they reach the forwarded ones through `Self`.
+//! routes are forwarded whole, so the inner backend's own route (a CubeCL
+//! backend's, which places a rank's own rows itself) runs; the operations made of
+//! those (dispatch and combine rows) reach them through `Self`.
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, TensorMetadata};
@@ -17,9 +18,10 @@ use burn_ir::{InitOperationIr, OperationIr, OperationOutput};
 use ep_core::{EpConfig, EpResult};
 
 use crate::backend::{
-    ExpertParallelBackend, LayoutOutput, PackMeta, Packed, RecordRows, RouterScoring,
+    ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows, RecordedRoute,
+    RouterScoring,
 };
-use crate::exchange::{ExchangeTag, SharedExchange};
+use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 
 fn inner_float<B: FusionBackend>(t: FloatTensor<Fusion<B>>) -> FloatTensor<B> {
     t.client.clone().resolve_tensor_float::<B>(t)
@@ -281,6 +283,55 @@ impl<B: FusionBackend + ExpertParallelBackend> ExpertParallelBackend for Fusion<
             exchange,
         )?;
         Ok(received.map(outer_float::<B>))
+    }
+
+    fn ep_record_route(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        topk_idx: IntTensor<Self>,
+        expert_offsets: &[usize],
+        plan: &mut Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<RecordedRoute<Self>> {
+        let mut inner = plan.map_ints(inner_int::<B>);
+        let (rows, received) = B::ep_record_route(
+            inner_float::<B>(x),
+            inner_float::<B>(weights),
+            inner_int::<B>(topk_idx),
+            expert_offsets,
+            &mut inner,
+            exchange,
+        )?;
+        plan.positions = inner.positions.map(outer_int::<B>);
+        Ok((
+            outer_float::<B>(rows),
+            received.map(|(w, ids)| (outer_float::<B>(w), outer_int::<B>(ids))),
+        ))
+    }
+
+    fn ep_route_rows(
+        x: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+        op: ExchangeOp,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        let plan = plan.map_ints(inner_int::<B>);
+        let received = B::ep_route_rows(inner_float::<B>(x), &plan, exchange, op)?;
+        Ok(received.map(outer_float::<B>))
+    }
+
+    fn ep_return_rows(
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+        op: ExchangeOp,
+    ) -> EpResult<FloatTensor<Self>> {
+        let plan = plan.map_ints(inner_int::<B>);
+        let rows = rows.map(inner_float::<B>);
+        let summed = B::ep_return_rows(rows, cols, dtype, &plan, exchange, op)?;
+        Ok(outer_float::<B>(summed))
     }
 
     #[allow(clippy::too_many_arguments)]

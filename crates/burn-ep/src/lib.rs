@@ -17,6 +17,7 @@ mod autodiff;
 mod backend;
 mod cube;
 mod cube_exchange;
+mod cube_route;
 #[cfg(feature = "cuda")]
 mod cublas;
 mod exchange;
@@ -30,8 +31,8 @@ mod transfer;
 pub mod zero_size;
 
 pub use backend::{
-    DispatchLayout, ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RecordRows, RoutePlan,
-    RouterScoring,
+    DispatchLayout, ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RecordRows, RecordedRoute,
+    RoutePlan, RouterScoring,
 };
 pub use ep_core::{counters, EpConfig, EpError, EpResult};
 pub use ep_mesh::{

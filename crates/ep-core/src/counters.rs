@@ -1,6 +1,6 @@
 //! What the data path does, counted per thread (each rank is a thread): host
-//! synchronisations, control messages, row exchanges and burn-ep's own kernel
-//! launches. The bench reads them around each operation. A count is one add to a
+//! synchronisations, control messages, row exchanges, the bytes the device
+//! transports sent, and burn-ep's own kernel launches. The bench reads them around each operation. A count is one add to a
 //! thread-local cell, so they are always on.
 
 use std::cell::Cell;
@@ -18,6 +18,10 @@ pub struct Counts {
     pub exchanges: u64,
     /// Kernels burn-ep launched itself (not Burn's ops it calls).
     pub kernel_launches: u64,
+    /// Bytes the device transports sent from this rank: device and peer copies
+    /// queued, NCCL sends, a rank's copy to itself included. (The local
+    /// transport's host messages are not counted.)
+    pub sent_bytes: u64,
 }
 
 impl Sub for Counts {
@@ -29,6 +33,7 @@ impl Sub for Counts {
             control_messages: self.control_messages - earlier.control_messages,
             exchanges: self.exchanges - earlier.exchanges,
             kernel_launches: self.kernel_launches - earlier.kernel_launches,
+            sent_bytes: self.sent_bytes - earlier.sent_bytes,
         }
     }
 }
@@ -39,6 +44,7 @@ thread_local! {
         control_messages: 0,
         exchanges: 0,
         kernel_launches: 0,
+        sent_bytes: 0,
     }) };
 }
 
@@ -72,6 +78,10 @@ pub fn kernel_launch() {
     add(|c| c.kernel_launches += 1);
 }
 
+pub fn sent(bytes: usize) {
+    add(|c| c.sent_bytes += bytes as u64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,6 +92,8 @@ mod tests {
         host_sync();
         kernel_launch();
         kernel_launch();
+        sent(96);
+        sent(32);
         let other = std::thread::spawn(|| {
             control_message();
             snapshot()
@@ -94,6 +106,7 @@ mod tests {
             Counts {
                 host_syncs: 1,
                 kernel_launches: 2,
+                sent_bytes: 128,
                 ..Counts::default()
             }
         );

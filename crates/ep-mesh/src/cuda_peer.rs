@@ -39,7 +39,7 @@ use cudarc::driver::{result, sys};
 use ep_core::{counters, EpError, EpResult};
 
 use crate::device_exchange::{
-    check_counts, open_call, spans_per_rank, DeviceExchange, Pairing, Plane, Span,
+    check_counts, open_call, spans_of_call, DeviceExchange, Pairing, Plane, Span,
 };
 use crate::local::{local_comms, run_threads, LocalComm};
 
@@ -454,16 +454,14 @@ impl DeviceExchange for CudaPeerComm {
         planes: &[Plane],
         send_counts: &[usize],
         recv_counts: &[usize],
+        local_placed: bool,
         pairing: &dyn Pairing,
         stream: u64,
     ) -> EpResult<()> {
         check_counts(self.rank(), self.world_size(), send_counts, recv_counts)?;
-        self.exchange_spans(
-            &spans_per_rank(planes, send_counts, |p| p.send),
-            &spans_per_rank(planes, recv_counts, |p| p.recv),
-            Some(pairing),
-            stream,
-        )
+        let (send, recv) =
+            spans_of_call(planes, send_counts, recv_counts, self.rank(), local_placed);
+        self.exchange_spans(&send, &recv, Some(pairing), stream)
     }
 }
 

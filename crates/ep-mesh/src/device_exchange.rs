@@ -88,14 +88,26 @@ pub trait DeviceExchange: Send + Sync {
     /// queued on it after the call sees the received rows and may release both
     /// buffers. The host need not synchronise the stream before or after;
     /// transports that cannot order on the device wait on the host instead.
+    ///
+    /// With `local_placed`, the rows this rank sends itself are already in its
+    /// receive buffers (the caller's kernels wrote them there): only the rows
+    /// between distinct ranks move, and this rank's own send segment is not read.
     fn all_to_all_v(
         &self,
         planes: &[Plane],
         send_counts: &[usize],
         recv_counts: &[usize],
+        local_placed: bool,
         pairing: &dyn Pairing,
         stream: u64,
     ) -> EpResult<()>;
+
+    /// Whether a rank's own rows should go through this transport even where the
+    /// caller could place them itself: NCCL's loopback diagnostic, which sends them
+    /// through NCCL so that a one-GPU group exercises its sends and receives.
+    fn moves_own_rows(&self) -> bool {
+        false
+    }
 }
 
 /// The check every implementation makes first: one send and one receive count per
@@ -115,6 +127,29 @@ pub(crate) fn check_counts(
         )));
     }
     Ok(())
+}
+
+/// The spans an all-to-all-v moves, send side and receive side, per rank (see
+/// [`spans_per_rank`]); `rank`'s own spans are empty when its rows were placed by
+/// the caller, so no transport copies them. Every transport's call makes its
+/// spans here once, so the bytes it sends are counted here.
+#[cfg(feature = "cuda")]
+pub(crate) fn spans_of_call(
+    planes: &[Plane],
+    send_counts: &[usize],
+    recv_counts: &[usize],
+    rank: usize,
+    local_placed: bool,
+) -> (Vec<Vec<Span>>, Vec<Vec<Span>>) {
+    let mut send = spans_per_rank(planes, send_counts, |p| p.send);
+    let mut recv = spans_per_rank(planes, recv_counts, |p| p.recv);
+    if local_placed {
+        for span in send[rank].iter_mut().chain(recv[rank].iter_mut()) {
+            span.1 = 0;
+        }
+    }
+    ep_core::counters::sent(send.iter().flatten().map(|&(_, bytes)| bytes).sum());
+    (send, recv)
 }
 
 /// A contiguous piece of a buffer: its address and length in bytes.

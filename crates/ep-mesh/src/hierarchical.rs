@@ -10,7 +10,7 @@ use ep_core::{EpError, EpResult};
 use crate::control::Control;
 use crate::cuda_peer::{can_access_peer, cuda_peer_comms_on, CudaPeerComm};
 use crate::device_exchange::{
-    check_counts, check_pairing, spans_per_rank, DeviceExchange, Pairing, Plane, Span,
+    check_counts, check_pairing, spans_of_call, DeviceExchange, Pairing, Plane, Span,
 };
 use crate::local::run_threads;
 use crate::nccl::{transfers, NcclComm};
@@ -203,21 +203,26 @@ impl DeviceExchange for HierarchicalComm {
         planes: &[Plane],
         send_counts: &[usize],
         recv_counts: &[usize],
+        local_placed: bool,
         pairing: &dyn Pairing,
         stream: u64,
     ) -> EpResult<()> {
         let Some((members, peer)) = &self.peers else {
             let nccl = self.nccl.as_ref().expect("a rank without peers has NCCL");
-            return nccl.all_to_all_v(planes, send_counts, recv_counts, pairing, stream);
+            return nccl.all_to_all_v(
+                planes,
+                send_counts,
+                recv_counts,
+                local_placed,
+                pairing,
+                stream,
+            );
         };
         check_counts(self.rank, self.world_size, send_counts, recv_counts)?;
         // The whole group pairs up first: the copies inside the node see only its
         // members.
         check_pairing(self, pairing)?;
-        let (send, recv) = (
-            spans_per_rank(planes, send_counts, |p| p.send),
-            spans_per_rank(planes, recv_counts, |p| p.recv),
-        );
+        let (send, recv) = spans_of_call(planes, send_counts, recv_counts, self.rank, local_placed);
         let pick = |list: &[Vec<Span>]| -> Vec<Vec<Span>> {
             members.iter().map(|&r| list[r].clone()).collect()
         };
@@ -234,5 +239,10 @@ impl DeviceExchange for HierarchicalComm {
         // Wait for NCCL even after a failed copy: its buffers are still in use.
         let received = nccl.finish(&sends, &recvs, deadline);
         copied.and(received)
+    }
+
+    /// A rank without peers in its process is NCCL's alone, loopback included.
+    fn moves_own_rows(&self) -> bool {
+        self.peers.is_none() && self.nccl.as_ref().is_some_and(|n| n.moves_own_rows())
     }
 }

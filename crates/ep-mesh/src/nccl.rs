@@ -26,7 +26,8 @@ use ep_core::{counters, EpError, EpResult};
 use crate::control::{check_call, Control};
 use crate::cuda_peer::{driver, primary_context, stream_waits_for, Raw};
 use crate::device_exchange::{
-    check_counts, check_pairing, spans_per_rank, DeviceExchange, Pairing, Plane, Span,
+    check_counts, check_pairing, spans_of_call, spans_per_rank, DeviceExchange, Pairing, Plane,
+    Span,
 };
 use crate::local::run_threads;
 use crate::rendezvous::{exchange_payload, RendezvousConfig};
@@ -517,6 +518,7 @@ impl DeviceExchange for NcclComm {
         planes: &[Plane],
         send_counts: &[usize],
         recv_counts: &[usize],
+        local_placed: bool,
         pairing: &dyn Pairing,
         stream: u64,
     ) -> EpResult<()> {
@@ -524,10 +526,12 @@ impl DeviceExchange for NcclComm {
         check_pairing(self, pairing)?;
         // NCCL's stream starts after the caller's work; the host waits for NCCL.
         self.follow(stream)?;
-        self.exchange(
-            &spans_per_rank(planes, send_counts, |p| p.send),
-            &spans_per_rank(planes, recv_counts, |p| p.recv),
-        )
+        let (send, recv) = spans_of_call(planes, send_counts, recv_counts, self.rank, local_placed);
+        self.exchange(&send, &recv)
+    }
+
+    fn moves_own_rows(&self) -> bool {
+        self.loopback
     }
 }
 
