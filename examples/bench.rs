@@ -18,7 +18,7 @@ use burn_ep::counters::{self, Counts};
 use burn_ep::moe::{MoeConfig, MoeLayer};
 use burn_ep::{
     run_ranks, EpConfig, EpGroup, EpResult, ExchangeOp, ExchangeTag, ExpertParallelBackend,
-    Routing, Transport,
+    Routing, RunOptions, Transport,
 };
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
@@ -206,11 +206,15 @@ fn run<B: ExpertParallelBackend + AutodiffBackend>(
     };
     let batches = synthetic_batches(&config, tokens, pattern, sentinels, 1);
     let elem = dtype.size();
-    let timeout = Duration::from_secs(600);
+    // The transports' finer options come from the environment, read on purpose
+    // (`RunOptions::from_env`).
+    let options = RunOptions::from_env()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_timeout(Duration::from_secs(600));
     let results = run_ranks(
         o.transport,
+        &options,
         &config,
-        timeout,
         |_, i| device_of(i),
         |group: EpGroup<B>| {
             let device = group.device().clone();

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use burn::backend::cuda::CudaDevice;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_ep::{launch, EpConfig, EpResult};
+use burn_ep::{launch, EpConfig, EpResult, RunOptions};
 use clap::Parser;
 use ep_core::reference;
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
@@ -194,9 +194,18 @@ fn main() {
     let config = EpConfig::new(world, world * o.experts_per_rank, o.top_k, o.hidden)
         .with_max_tokens_per_rank(o.tokens);
     let start = Instant::now();
+    // This program lets its environment set the transport's options, on purpose
+    // (BURN_EP_INTRANODE, BURN_EP_NCCL_LOOPBACK: see the book's multinode chapter).
+    let options = match RunOptions::from_env() {
+        Ok(options) => options.with_timeout(o.timeout()),
+        Err(e) => {
+            eprintln!("nccl_check: {e}");
+            exit(2)
+        }
+    };
     let results = launch::<Cuda, _, _, _>(
+        &options,
         &config,
-        o.timeout(),
         |_, d| CudaDevice::new(d),
         |group| {
             let device = group.device().clone();

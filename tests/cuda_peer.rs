@@ -1,8 +1,8 @@
 //! The cuda-peer transport: ranks as threads of one process, rows moving between
 //! device buffers by copies (peer copies across GPUs, device copies between ranks
 //! sharing one). On a one-GPU host every rank shares device 0, which runs the whole
-//! transport path. The full grid runs with `BURN_EP_TRANSPORT=cuda-peer` on the other
-//! test binaries; this file checks the transport without the variable.
+//! transport path. With the `cuda` feature the other test binaries run their groups
+//! on it too (`common::transport`); this file checks what is particular to it.
 
 mod common;
 
@@ -275,7 +275,7 @@ mod on_cuda {
 #[test]
 fn device_transports_need_the_cuda_feature() {
     use burn_ep::{run_ranks, EpConfig, EpError, Transport};
-    use common::{NdArray, TIMEOUT};
+    use common::{options, NdArray};
     let config = EpConfig::new(2, 4, 1, 3);
     for transport in [
         Transport::CudaPeer,
@@ -284,8 +284,8 @@ fn device_transports_need_the_cuda_feature() {
     ] {
         let result = run_ranks::<NdArray, (), _, _>(
             transport,
+            &options(),
             &config,
-            TIMEOUT,
             |_, _| Default::default(),
             |_| Ok(()),
         );

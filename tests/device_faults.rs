@@ -11,7 +11,7 @@ use std::sync::Barrier;
 use std::time::Duration;
 
 use burn::tensor::Tensor;
-use burn_ep::{run_ranks, EpConfig, EpError, EpGroup, Transport};
+use burn_ep::{run_ranks, EpConfig, EpError, EpGroup, RunOptions};
 use common::*;
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
@@ -39,9 +39,9 @@ fn a_rank_whose_device_failed_names_the_cause_to_everyone() {
     // hears is the fault itself, not the runner's notice that rank 1 has left.
     let answered = Barrier::new(2);
     let results = run_ranks(
-        Transport::from_env().unwrap(),
+        transport(),
+        &RunOptions::default().with_timeout(PATIENT),
         &config,
-        PATIENT,
         |_, _| device.clone(),
         |group: EpGroup<B>| {
             let rank = group.rank();

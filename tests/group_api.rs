@@ -328,8 +328,8 @@ fn runners_refuse_an_empty_world() {
     let ran = std::sync::atomic::AtomicUsize::new(0);
     let result = burn_ep::run_ranks::<NdArray, (), _, _>(
         burn_ep::Transport::Local,
+        &options(),
         &config,
-        TIMEOUT,
         |_, _| Default::default(),
         |_| {
             ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -341,8 +341,8 @@ fn runners_refuse_an_empty_world() {
         "{result:?}"
     );
     let launched = burn_ep::launch::<NdArray, (), _, _>(
+        &options(),
         &config,
-        TIMEOUT,
         |_, _| Default::default(),
         |_| Ok(()),
     );

@@ -1,7 +1,7 @@
 //! The nccl and hierarchical transports on the GPUs of this host. NCCL puts each
 //! rank on its own GPU, so the group sizes follow the host: on one GPU a group has
-//! one rank (run with `BURN_EP_NCCL_LOOPBACK=1` to send its own rows through NCCL
-//! too), and every case with more ranks than GPUs says so and returns. The
+//! one rank (the loopback cases send its own rows through NCCL too), and every case
+//! with more ranks than GPUs says so and returns. The
 //! multi-process programs are `examples/nccl_check.rs` and `scripts/two_node_nccl.sh`.
 
 mod common;
@@ -19,7 +19,9 @@ mod on_cuda {
     fn fits(world: usize) -> bool {
         let gpus = ep_mesh::cuda_device_count().unwrap();
         if world > gpus {
-            eprintln!("skipped: {world} ranks need {world} GPUs, this host has {gpus}");
+            skip(format!(
+                "{world} ranks need {world} GPUs, this host has {gpus}"
+            ));
         }
         world <= gpus
     }
@@ -35,6 +37,7 @@ mod on_cuda {
         )]
         pattern: RoutingPattern,
         #[values(SentinelPattern::None, SentinelPattern::RandomTenth)] sentinels: SentinelPattern,
+        #[values(false, true)] loopback: bool,
     ) {
         if !fits(world) {
             return;
@@ -42,7 +45,15 @@ mod on_cuda {
         let config = EpConfig::new(world, 4 * world, 3, 36).with_expert_alignment(8);
         let batches = synthetic_batches(&config, 37, pattern, sentinels, 4);
         let fresh = fresh_payload(&config, &batches, 37, pattern, sentinels);
-        check_against_reference_on::<Cube>(transport, Default::default(), config, batches, fresh);
+        let options = options().with_nccl_loopback(loopback);
+        check_against_reference_with::<Cube>(
+            transport,
+            &options,
+            Default::default(),
+            config,
+            batches,
+            fresh,
+        );
     }
 
     /// The control channel through NCCL's device buffer: words, messages of any
@@ -82,8 +93,8 @@ mod on_cuda {
         let config = EpConfig::new(gpus + 1, 2 * (gpus + 1), 1, 4);
         let err = run_ranks::<Cube, (), _, _>(
             Transport::Nccl,
+            &options(),
             &config,
-            TIMEOUT,
             |_, _| Default::default(),
             |_| Ok(()),
         )
@@ -141,10 +152,10 @@ mod on_cuda {
 #[test]
 fn launch_needs_the_cuda_feature() {
     use burn_ep::{launch, EpConfig, EpError};
-    use common::{NdArray, TIMEOUT};
+    use common::{options, NdArray};
     let config = EpConfig::new(2, 4, 1, 3);
     let launched =
-        launch::<NdArray, (), _, _>(&config, TIMEOUT, |_, _| Default::default(), |_| Ok(()));
+        launch::<NdArray, (), _, _>(&options(), &config, |_, _| Default::default(), |_| Ok(()));
     assert!(
         matches!(&launched, Err(EpError::InvalidConfig(m)) if m.contains("NCCL")),
         "{:?}",

@@ -13,6 +13,22 @@ pub const SCAN_BLOCK: usize = 256;
 /// Consecutive rows each unit of the column scan takes per chunk.
 pub const SCAN_ITEMS: usize = 16;
 
+/// Whether `client` runs the plane form of the block scan: it has plane
+/// operations, one fixed plane size, and a cube of [`SCAN_BLOCK`] units is at most
+/// a plane of planes.
+pub fn plane_scan_supported<R: Runtime>(client: &ComputeClient<R>) -> bool {
+    let hardware = &client.properties().hardware;
+    let plane = hardware.plane_size_min as usize;
+    client
+        .features()
+        .plane
+        .contains(cubecl::features::Plane::Ops)
+        && plane > 0
+        && plane == hardware.plane_size_max as usize
+        && SCAN_BLOCK.is_multiple_of(plane)
+        && SCAN_BLOCK / plane <= plane
+}
+
 /// Inclusive prefix sum of `value` across the cube; returns (inclusive, cube total).
 /// `shared` holds `block + 1` entries.
 #[allow(unused_assignments)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
-use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
+use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, RunOptions, Transport};
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, ValueEnum};
 use cli::{at_least_one, name_of, refuse_unbuilt, BackendName};
@@ -160,12 +160,17 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
         .with_uniform_expert_rows(true)
         .with_sp_size(config.sp_size);
     let start = Instant::now();
-    let timeout = Duration::from_secs(300);
+    // The transports' finer options (ranks per simulated node, the route inside a
+    // process, NCCL's loopback) come from the environment, which this program
+    // reads on purpose; see `RunOptions::from_env`.
+    let options = RunOptions::from_env()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .with_timeout(Duration::from_secs(300));
     let progress = Progress::new(steps);
     let results = run_ranks(
         transport,
+        &options,
         &ep,
-        timeout,
         |_, ordinal| device(ordinal),
         |group: EpGroup<B>| {
             let rank = group.rank();

@@ -2,12 +2,13 @@
 //! plain vectors and Burn tensors.
 #![allow(dead_code)]
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_ep::{run_ranks, EpConfig, EpGroup, EpResult, ExpertParallelBackend, Transport};
+use burn_ep::{
+    run_ranks, EpConfig, EpGroup, EpResult, ExpertParallelBackend, RunOptions, Transport,
+};
 use ep_core::reference::{self, RankBatch};
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
@@ -15,9 +16,14 @@ pub type NdArray = burn::backend::NdArray<f32>;
 /// The CubeCL backend under test, without Burn's fusion: wgpu (lavapipe in CI), or
 /// CUDA when the tests are built with the `cuda` feature (on a GPU host).
 #[cfg(not(feature = "cuda"))]
-pub type Cube = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
+pub type Cube = burn_cubecl::CubeBackend<CubeRuntime, f32, i32, u32>;
 #[cfg(feature = "cuda")]
-pub type Cube = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+pub type Cube = burn_cubecl::CubeBackend<CubeRuntime, f32, i32, u8>;
+/// The CubeCL runtime of [`Cube`], for tests that launch kernels themselves.
+#[cfg(not(feature = "cuda"))]
+pub type CubeRuntime = cubecl::wgpu::WgpuRuntime;
+#[cfg(feature = "cuda")]
+pub type CubeRuntime = cubecl::cuda::CudaRuntime;
 /// The same under Burn's fusion: exactly what `burn::backend::Wgpu` (or `Cuda`) is
 /// with Burn's default features, which turn fusion on.
 #[cfg(not(feature = "cuda"))]
@@ -29,11 +35,39 @@ pub type Fused = burn::backend::Cuda<f32, i32>;
 /// installs lavapipe, so that CI can never pass by skipping). Read by the tests only.
 pub const REQUIRE_WGPU: &str = "BURN_EP_REQUIRE_WGPU";
 
-static CUBE_SKIPS: AtomicUsize = AtomicUsize::new(0);
+/// The reasons of the cases this test binary skipped, one entry per case.
+static SKIPS: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Skips the calling case visibly: the caller returns after this. One line says so
+/// at once, and at the end of the test binary, after the harness's summary (which
+/// counts the case as passed), one line per reason counts the cases it skipped.
+pub fn skip(reason: impl Into<String>) {
+    let reason = reason.into();
+    eprintln!("skipped: {reason}");
+    let mut skips = SKIPS.lock().unwrap_or_else(|e| e.into_inner());
+    if skips.is_empty() {
+        // The harness prints its summary, then exits the process: this runs after.
+        extern "C" fn report() {
+            let skips = SKIPS.lock().unwrap_or_else(|e| e.into_inner());
+            let mut reasons: Vec<&String> = skips.iter().collect();
+            reasons.sort();
+            reasons.dedup();
+            for reason in reasons {
+                let cases = skips.iter().filter(|s| *s == reason).count();
+                eprintln!("skipped {cases} case(s): {reason}");
+            }
+        }
+        extern "C" {
+            fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
+        }
+        // SAFETY: `report` is a plain function that lives as long as the process.
+        unsafe { atexit(report) };
+    }
+    skips.push(reason);
+}
 
 /// Whether the CubeCL backend under test has a device. Without one (wgpu on a
-/// machine with no Vulkan driver), the caller skips its case: one line says so,
-/// and at the end of the test binary one line counts the skipped cases. With
+/// machine with no Vulkan driver), the caller skips its case (see [`skip`]). With
 /// `BURN_EP_REQUIRE_WGPU=1` a missing adapter fails the case instead.
 pub fn cube_available() -> bool {
     static PROBE: OnceLock<Result<(), String>> = OnceLock::new();
@@ -50,22 +84,10 @@ pub fn cube_available() -> bool {
     if std::env::var(REQUIRE_WGPU).is_ok_and(|v| v == "1") {
         panic!("{REQUIRE_WGPU}=1 but the CubeCL backend has no device: {why}");
     }
-    eprintln!("skipped: no Vulkan adapter (Debian: apt-get install mesa-vulkan-drivers)");
-    if CUBE_SKIPS.fetch_add(1, Ordering::Relaxed) == 0 {
-        // The harness prints its summary, then exits the process: this runs after.
-        extern "C" fn report() {
-            eprintln!(
-                "skipped {} wgpu case(s): no Vulkan adapter (Debian: apt-get install \
-                 mesa-vulkan-drivers; set {REQUIRE_WGPU}=1 to fail instead)",
-                CUBE_SKIPS.load(Ordering::Relaxed)
-            );
-        }
-        extern "C" {
-            fn atexit(callback: extern "C" fn()) -> std::ffi::c_int;
-        }
-        // SAFETY: `report` is a plain function that lives as long as the process.
-        unsafe { atexit(report) };
-    }
+    skip(format!(
+        "no Vulkan adapter for the wgpu cases (Debian: apt-get install mesa-vulkan-drivers; \
+         set {REQUIRE_WGPU}=1 to fail instead)"
+    ));
     false
 }
 
@@ -153,16 +175,41 @@ pub fn inputs<B: ExpertParallelBackend>(
     )
 }
 
-/// Runs `work` on every rank of a group whose ranks all use `device`; results in
-/// rank order. The transport is `BURN_EP_TRANSPORT` (local by default; `cuda-peer`
-/// on a GPU host, where the ranks share the one device).
+/// The transport of the suite's groups: with the `cuda` feature the cuda-peer
+/// transport (rows move between device buffers, the path a CUDA user takes; on a
+/// one-GPU host the ranks share the device), the local transport otherwise.
+pub fn transport() -> Transport {
+    if cfg!(feature = "cuda") {
+        Transport::CudaPeer
+    } else {
+        Transport::Local
+    }
+}
+
+/// Every transport this build's suite checks results on: the local one, and with
+/// the `cuda` feature the cuda-peer one as well.
+pub fn transports() -> Vec<Transport> {
+    let mut all = vec![Transport::Local];
+    if cfg!(feature = "cuda") {
+        all.push(Transport::CudaPeer);
+    }
+    all
+}
+
+/// The options of the suite's groups: its timeout, everything else default.
+pub fn options() -> RunOptions {
+    RunOptions::default().with_timeout(TIMEOUT)
+}
+
+/// Runs `work` on every rank of a group whose ranks all use `device`, on the
+/// suite's [`transport`]; results in rank order.
 pub fn run_group<B, R, F>(config: &EpConfig, device: &B::Device, work: F) -> Vec<EpResult<R>>
 where
     B: ExpertParallelBackend,
     R: Send,
     F: Fn(&EpGroup<B>) -> EpResult<R> + Sync,
 {
-    run_group_on(Transport::from_env().unwrap(), config, device, work)
+    run_group_on(transport(), config, device, work)
 }
 
 /// [`run_group`] on a given transport.
@@ -177,10 +224,26 @@ where
     R: Send,
     F: Fn(&EpGroup<B>) -> EpResult<R> + Sync,
 {
+    run_group_with(transport, &options(), config, device, work)
+}
+
+/// [`run_group`] on a given transport, with `options`.
+pub fn run_group_with<B, R, F>(
+    transport: Transport,
+    options: &RunOptions,
+    config: &EpConfig,
+    device: &B::Device,
+    work: F,
+) -> Vec<EpResult<R>>
+where
+    B: ExpertParallelBackend,
+    R: Send,
+    F: Fn(&EpGroup<B>) -> EpResult<R> + Sync,
+{
     run_ranks(
         transport,
+        options,
         config,
-        TIMEOUT,
         |_, _| device.clone(),
         |group| work(&group),
     )
@@ -300,8 +363,15 @@ pub fn check_against_reference<B: ExpertParallelBackend>(
     batches: Vec<RankBatch>,
     fresh: Vec<RankBatch>,
 ) {
-    let transport = Transport::from_env().unwrap();
-    check_against_reference_on::<B>(transport, device, config, batches, fresh)
+    for transport in transports() {
+        check_against_reference_on::<B>(
+            transport,
+            device.clone(),
+            config.clone(),
+            batches.clone(),
+            fresh.clone(),
+        )
+    }
 }
 
 /// Dispatch, combine and replay on every rank against the reference, over `transport`.
@@ -312,11 +382,23 @@ pub fn check_against_reference_on<B: ExpertParallelBackend>(
     batches: Vec<RankBatch>,
     fresh: Vec<RankBatch>,
 ) {
+    check_against_reference_with::<B>(transport, &options(), device, config, batches, fresh)
+}
+
+/// [`check_against_reference_on`] with `options`.
+pub fn check_against_reference_with<B: ExpertParallelBackend>(
+    transport: Transport,
+    options: &RunOptions,
+    device: B::Device,
+    config: EpConfig,
+    batches: Vec<RankBatch>,
+    fresh: Vec<RankBatch>,
+) {
     let (k, h, local) = (config.top_k, config.hidden_size, config.experts_per_rank());
     let expected = reference::dispatch(&config, &batches).unwrap();
 
     let outcomes: Vec<RankOutcome> =
-        run_group_on::<B, _, _>(transport, &config, &device, |group| {
+        run_group_with::<B, _, _>(transport, options, &config, &device, |group| {
             let rank = group.rank();
             let (x, idx, w) = inputs::<B>(&batches[rank], k, &device);
             let d = group.dispatch(x, idx, w)?;

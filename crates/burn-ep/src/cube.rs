@@ -10,7 +10,6 @@ use burn::tensor::{DType, Shape, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
-use cubecl::features::Plane;
 use cubecl::prelude::*;
 use ep_core::{counters, validate, EpConfig, EpError, EpResult};
 use ep_kernels::pack::LocalSegmentLaunch;
@@ -815,7 +814,7 @@ fn column_scan<R: CubeRuntime>(
     [row_stride, col_stride]: [usize; 2],
 ) {
     let client = &flags.client;
-    let use_plane = plane_scan_enabled(client);
+    let use_plane = slots::plane_scan_supported(client);
     counters::kernel_launch();
     slots::column_scan_kernel::launch::<R>(
         client,
@@ -833,19 +832,6 @@ fn column_scan<R: CubeRuntime>(
         use_plane,
         slots_out.dtype.into(),
     );
-}
-
-/// Plane (warp) scans where the client has plane operations, unless
-/// `BURN_EP_PORTABLE_SCAN=1` asks for the shared-memory scan (to test it on a GPU).
-fn plane_scan_enabled<R: CubeRuntime>(client: &ComputeClient<R>) -> bool {
-    let forced_portable = std::env::var("BURN_EP_PORTABLE_SCAN").is_ok_and(|v| v == "1");
-    let plane = client.properties().hardware.plane_size_min;
-    !forced_portable
-        && client.features().plane.contains(Plane::Ops)
-        && plane > 0
-        && plane == client.properties().hardware.plane_size_max
-        && slots::SCAN_BLOCK.is_multiple_of(plane as usize)
-        && slots::SCAN_BLOCK / plane as usize <= plane as usize
 }
 
 /// The widest vector that divides the row and the client loads in one go.

@@ -193,16 +193,15 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// identity, so the combine gives every token the weighted sum of its own row.
     ///
     /// ```
-    /// use std::time::Duration;
     /// use burn::backend::NdArray;
     /// use burn::tensor::{Distribution, Int, Tensor, TensorData};
-    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, RunOptions, Transport};
     ///
     /// type B = NdArray<f32>;
     /// // 2 ranks, 4 experts (2 on each rank), top-2, hidden 8.
     /// let config = EpConfig::new(2, 4, 2, 8);
-    /// let timeout = Duration::from_secs(30);
-    /// let results = run_ranks(Transport::Local, &config, timeout, |_, _| Default::default(),
+    /// let results = run_ranks(Transport::Local, &RunOptions::default(), &config,
+    ///     |_, _| Default::default(),
     ///     |group: EpGroup<B>| {
     ///         let device = group.device().clone();
     ///         let x = Tensor::<B, 2>::random([3, 8], Distribution::Default, &device);
@@ -402,14 +401,13 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// first dispatch recorded: the same as dispatching it with the same choice.
     ///
     /// ```
-    /// use std::time::Duration;
     /// use burn::backend::NdArray;
     /// use burn::tensor::{Distribution, Int, Tensor, TensorData};
-    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, RunOptions, Transport};
     ///
     /// type B = NdArray<f32>;
     /// let config = EpConfig::new(2, 4, 2, 8);
-    /// let results = run_ranks(Transport::Local, &config, Duration::from_secs(30),
+    /// let results = run_ranks(Transport::Local, &RunOptions::default(), &config,
     ///     |_, _| Default::default(),
     ///     |group: EpGroup<B>| {
     ///         let device = group.device().clone();
@@ -457,14 +455,13 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// this rank), and the combine adds the ranks' sums, so every token gets `2 x`.
     ///
     /// ```
-    /// use std::time::Duration;
     /// use burn::backend::NdArray;
     /// use burn::tensor::{Distribution, Int, Tensor, TensorData};
-    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, RunOptions, Transport};
     ///
     /// type B = NdArray<f32>;
     /// let config = EpConfig::new(2, 4, 2, 8);
-    /// let results = run_ranks(Transport::Local, &config, Duration::from_secs(30),
+    /// let results = run_ranks(Transport::Local, &RunOptions::default(), &config,
     ///     |_, _| Default::default(),
     ///     |group: EpGroup<B>| {
     ///         let device = group.device().clone();

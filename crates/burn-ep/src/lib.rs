@@ -36,9 +36,9 @@ pub use backend::{
 };
 pub use ep_core::{counters, EpConfig, EpError, EpResult};
 pub use ep_mesh::{
-    local_comms, run_local, Control, DeviceExchange, LocalComm, Mesh, DEFAULT_TIMEOUT,
+    local_comms, run_local, Control, DeviceExchange, IntraProcess, LocalComm, Mesh, DEFAULT_TIMEOUT,
 };
 pub use exchange::{ExchangeOp, ExchangeTag, RowExchange, SharedExchange};
 pub use group::{Dispatched, EpGroup, RankMajorDispatched};
 pub use routing::Routing;
-pub use runner::{launch, run_ranks, Transport};
+pub use runner::{launch, run_ranks, RunOptions, Transport};

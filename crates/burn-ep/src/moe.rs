@@ -406,18 +406,17 @@ impl<B: ExpertParallelBackend> MoeLayer<B> {
     /// experts, the whole router) gives the same output:
     ///
     /// ```
-    /// use std::time::Duration;
     /// use burn::backend::NdArray;
     /// use burn::tensor::{Tensor, TensorData};
     /// use burn_ep::moe::MoeConfig;
-    /// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+    /// use burn_ep::{run_ranks, EpConfig, EpGroup, RunOptions, Transport};
     ///
     /// type B = NdArray<f32>;
     /// let layer = MoeConfig::new(16, 32, 4, 2); // hidden, expert width, experts, top-k
     /// let tokens: Vec<f32> = (0..4 * 16).map(|i| (i as f32 * 0.37).sin()).collect();
     /// let outputs = |world: usize| {
     ///     let config = EpConfig::new(world, 4, 2, 16);
-    ///     run_ranks(Transport::Local, &config, Duration::from_secs(30),
+    ///     run_ranks(Transport::Local, &RunOptions::default(), &config,
     ///         |_, _| Default::default(),
     ///         |group: EpGroup<B>| {
     ///             let device = group.device().clone();

@@ -1,12 +1,16 @@
 //! Starting the ranks of a group: inside one process ([`run_ranks`], one thread per
 //! rank, the transport chosen at run time), or across processes and nodes
-//! ([`launch`], in the torchrun convention).
+//! ([`launch`], in the torchrun convention). What they do is set in code
+//! ([`Transport`], [`RunOptions`]); the environment is read only where a program
+//! asks for it ([`Transport::from_env`], [`RunOptions::from_env`], and `launch`'s
+//! torchrun variables).
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use ep_core::{EpConfig, EpError, EpResult};
+use ep_mesh::{IntraProcess, DEFAULT_TIMEOUT};
 
 use crate::backend::ExpertParallelBackend;
 use crate::group::EpGroup;
@@ -21,14 +25,15 @@ pub enum Transport {
     CudaPeer,
     /// One NCCL communicator per rank, each rank on its own GPU (feature `cuda`).
     Nccl,
-    /// Nodes simulated inside the process: `BURN_EP_LOCAL_RANKS` ranks per node
-    /// (default half the group) use device copies among themselves and NCCL to
+    /// Nodes simulated inside the process: [`RunOptions::ranks_per_node`] ranks per
+    /// node (default half the group) use device copies among themselves and NCCL to
     /// the other nodes, each rank on its own GPU (feature `cuda`).
     Hierarchical,
 }
 
 impl Transport {
-    /// The transport named by `BURN_EP_TRANSPORT` (`local` when unset).
+    /// The transport named by `BURN_EP_TRANSPORT` (`local` when unset), for a
+    /// program that lets its environment choose.
     pub fn from_env() -> EpResult<Self> {
         match std::env::var("BURN_EP_TRANSPORT") {
             Ok(name) => name.parse(),
@@ -64,6 +69,92 @@ impl fmt::Display for Transport {
     }
 }
 
+/// How a group's ranks start and reach each other, beyond which [`Transport`]:
+/// everything has a default (`RunOptions::default()`), and a program that wants
+/// its environment to decide calls [`RunOptions::from_env`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOptions {
+    /// How long a rank waits for its peers, at the start and in every call, before
+    /// failing with the peer named ([`DEFAULT_TIMEOUT`]).
+    pub timeout: Duration,
+    /// Ranks per simulated node of [`Transport::Hierarchical`]; `None` is half the
+    /// group.
+    pub ranks_per_node: Option<usize>,
+    /// How the ranks one process drives reach each other in a hierarchical group
+    /// or a [`launch`]ed one: device copies where the GPUs allow (`Auto`), or one
+    /// path forced.
+    pub intranode: IntraProcess,
+    /// NCCL sends and receives a rank's own rows too, instead of burn-ep's kernels
+    /// placing them: a diagnostic for a host with one GPU, where an NCCL group has
+    /// one rank and would otherwise never call NCCL's send and receive.
+    pub nccl_loopback: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            timeout: DEFAULT_TIMEOUT,
+            ranks_per_node: None,
+            intranode: IntraProcess::Auto,
+            nccl_loopback: false,
+        }
+    }
+}
+
+impl RunOptions {
+    /// Sets [`RunOptions::timeout`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Sets [`RunOptions::ranks_per_node`].
+    pub fn with_ranks_per_node(mut self, ranks: usize) -> Self {
+        self.ranks_per_node = Some(ranks);
+        self
+    }
+
+    /// Sets [`RunOptions::intranode`].
+    pub fn with_intranode(mut self, intranode: IntraProcess) -> Self {
+        self.intranode = intranode;
+        self
+    }
+
+    /// Sets [`RunOptions::nccl_loopback`].
+    pub fn with_nccl_loopback(mut self, on: bool) -> Self {
+        self.nccl_loopback = on;
+        self
+    }
+
+    /// The options the environment names, for a program that lets it decide:
+    /// `BURN_EP_LOCAL_RANKS` (ranks per simulated node), `BURN_EP_INTRANODE`
+    /// (`auto`, `cuda-peer` or `nccl`) and `BURN_EP_NCCL_LOOPBACK=1`; the rest as
+    /// [`RunOptions::default`]. A value that does not parse is an error naming it.
+    pub fn from_env() -> EpResult<Self> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> EpResult<Self> {
+        let mut options = Self::default();
+        if let Some(ranks) = var("BURN_EP_LOCAL_RANKS") {
+            let ranks = ranks.parse().map_err(|_| {
+                EpError::InvalidConfig(format!("BURN_EP_LOCAL_RANKS={ranks:?}: not a number"))
+            })?;
+            options = options.with_ranks_per_node(ranks);
+        }
+        if let Some(route) = var("BURN_EP_INTRANODE") {
+            let route = route
+                .parse()
+                .map_err(|e| EpError::InvalidConfig(format!("BURN_EP_INTRANODE: {e}")))?;
+            options = options.with_intranode(route);
+        }
+        if let Some(on) = var("BURN_EP_NCCL_LOOPBACK") {
+            options = options.with_nccl_loopback(on == "1");
+        }
+        Ok(options)
+    }
+}
+
 /// Runs `work` on `config.world_size` ranks, one thread each, and returns each rank's
 /// result in rank order. `device(rank, ordinal)` gives a rank its device: `ordinal`
 /// is the CUDA device the cuda-peer transport assigned it (0 on the local
@@ -78,10 +169,11 @@ impl fmt::Display for Transport {
 /// ```
 /// use std::time::Duration;
 /// use burn::backend::NdArray;
-/// use burn_ep::{run_ranks, EpConfig, EpGroup, Transport};
+/// use burn_ep::{run_ranks, EpConfig, EpGroup, RunOptions, Transport};
 ///
 /// let config = EpConfig::new(4, 8, 2, 16);
-/// let sums = run_ranks(Transport::Local, &config, Duration::from_secs(30),
+/// let options = RunOptions::default().with_timeout(Duration::from_secs(30));
+/// let sums = run_ranks(Transport::Local, &options, &config,
 ///     |_rank, _ordinal| Default::default(),
 ///     |group: EpGroup<NdArray<f32>>| group.all_reduce_sum(vec![group.rank() as f32]),
 /// )?;
@@ -92,8 +184,8 @@ impl fmt::Display for Transport {
 /// ```
 pub fn run_ranks<B, R, D, F>(
     transport: Transport,
+    options: &RunOptions,
     config: &EpConfig,
-    timeout: Duration,
     device: D,
     work: F,
 ) -> EpResult<Vec<EpResult<R>>>
@@ -105,6 +197,7 @@ where
 {
     // Before any thread starts: a world of 0 would otherwise run nothing and succeed.
     config.validate()?;
+    let timeout = options.timeout;
     match transport {
         Transport::Local => Ok(ep_mesh::run_local(config.world_size, timeout, |comm| {
             let rank = comm.rank();
@@ -118,16 +211,18 @@ where
         #[cfg(feature = "cuda")]
         Transport::Nccl => ep_mesh::run_nccl(config.world_size, timeout, |comm| {
             let device = device(comm.rank(), comm.device());
+            let comm = comm.with_loopback(options.nccl_loopback);
             work(EpGroup::nccl(config.clone(), comm, device)?)
         }),
         #[cfg(feature = "cuda")]
         Transport::Hierarchical => {
             let world = config.world_size;
-            let local = ep_mesh::Launch::local_ranks_from_env()?.unwrap_or((world / 2).max(1));
-            let choice = ep_mesh::IntraProcess::from_env()?;
+            let local = options.ranks_per_node.unwrap_or((world / 2).max(1));
+            let choice = options.intranode;
             ep_mesh::hierarchical::run_simulated_nodes(world, local, choice, timeout, |comm| {
                 // Rank r drives GPU r in a simulated node layout.
                 let device = device(comm.rank(), comm.rank());
+                let comm = comm.with_nccl_loopback(options.nccl_loopback);
                 work(EpGroup::hierarchical(config.clone(), comm, device)?)
             })
         }
@@ -148,8 +243,8 @@ fn needs_cuda(transport: impl fmt::Display) -> EpError {
 /// one per node with `NODE_RANK`), one thread per rank, and returns their results
 /// in rank order. Process 0 hosts the rendezvous that hands out the NCCL id; ranks
 /// of one process use device copies between themselves and NCCL to the others
-/// (`BURN_EP_INTRANODE=auto|cuda-peer|nccl`). `device(rank, ordinal)` gives a rank
-/// its device, `ordinal` being the CUDA device it was placed on.
+/// ([`RunOptions::intranode`]). `device(rank, ordinal)` gives a rank its device,
+/// `ordinal` being the CUDA device it was placed on.
 ///
 /// A process that never arrives fails the rendezvous by name within `timeout`; a
 /// peer that dies or goes silent later fails every pending call within `timeout`.
@@ -162,13 +257,12 @@ fn needs_cuda(transport: impl fmt::Display) -> EpError {
 ///
 /// ```no_run
 /// # #[cfg(feature = "cuda")] {
-/// use std::time::Duration;
 /// use burn::backend::cuda::{Cuda, CudaDevice};
-/// use burn_ep::{launch, EpConfig, EpGroup};
+/// use burn_ep::{launch, EpConfig, EpGroup, RunOptions};
 ///
 /// let world = std::env::var("WORLD_SIZE").map_or(Ok(1), |w| w.parse()).unwrap();
 /// let config = EpConfig::new(world, 8 * world, 2, 1024);
-/// let results = launch(&config, Duration::from_secs(60),
+/// let results = launch(&RunOptions::default(), &config,
 ///     |_rank, ordinal| CudaDevice::new(ordinal),
 ///     |group: EpGroup<Cuda>| {
 ///         // this process's rank(s): build the model, dispatch, combine, train
@@ -179,8 +273,8 @@ fn needs_cuda(transport: impl fmt::Display) -> EpError {
 /// # Ok::<(), burn_ep::EpError>(())
 /// ```
 pub fn launch<B, R, D, F>(
+    options: &RunOptions,
     config: &EpConfig,
-    timeout: Duration,
     device: D,
     work: F,
 ) -> EpResult<Vec<EpResult<R>>>
@@ -193,7 +287,8 @@ where
     config.validate()?;
     #[cfg(feature = "cuda")]
     {
-        use ep_mesh::{IntraProcess, Launch, Placement};
+        use ep_mesh::{Launch, Placement};
+        let timeout = options.timeout;
         let launch = Launch::from_env(timeout, ep_mesh::cuda_device_count()?)?;
         if config.world_size != launch.world_size() {
             return Err(EpError::InvalidConfig(format!(
@@ -201,7 +296,7 @@ where
                 config.world_size, launch.processes, launch.local_ranks
             )));
         }
-        let choice = IntraProcess::from_env()?;
+        let choice = options.intranode;
         let id = ep_mesh::nccl::unique_id_from_rendezvous(&launch.rendezvous)?;
         // Other processes' devices are laid out like this one's; only this
         // process's are used.
@@ -209,6 +304,7 @@ where
             Placement::uniform(launch.processes, launch.local_ranks, launch.first_device);
         ep_mesh::run_process(&id, &placement, launch.process, choice, timeout, |comm| {
             let rank = comm.rank();
+            let comm = comm.with_nccl_loopback(options.nccl_loopback);
             work(EpGroup::hierarchical(
                 config.clone(),
                 comm,
@@ -218,7 +314,7 @@ where
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (config, timeout, device, work);
+        let _ = (options, config, device, work);
         Err(EpError::InvalidConfig(
             "a multi-process group moves rows over NCCL, which needs burn-ep's `cuda` feature"
                 .into(),
@@ -244,5 +340,45 @@ mod tests {
             "nccl-ish".parse::<Transport>(),
             Err(EpError::InvalidConfig(_))
         ));
+    }
+
+    /// The environment's names give the options they name, the rest keep their
+    /// defaults, and a value that does not parse is refused naming its variable.
+    #[test]
+    fn options_read_from_variables_name_what_is_wrong() {
+        let vars = |pairs: Vec<(&'static str, &'static str)>| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            RunOptions::from_vars(vars(vec![])).unwrap(),
+            RunOptions::default()
+        );
+        let set = RunOptions::from_vars(vars(vec![
+            ("BURN_EP_LOCAL_RANKS", "3"),
+            ("BURN_EP_INTRANODE", "nccl"),
+            ("BURN_EP_NCCL_LOOPBACK", "1"),
+        ]))
+        .unwrap();
+        let expected = RunOptions::default()
+            .with_ranks_per_node(3)
+            .with_intranode(IntraProcess::Nccl)
+            .with_nccl_loopback(true);
+        assert_eq!(set, expected);
+        for (name, value) in [
+            ("BURN_EP_LOCAL_RANKS", "two"),
+            ("BURN_EP_INTRANODE", "nvlink"),
+        ] {
+            match RunOptions::from_vars(vars(vec![(name, value)])) {
+                Err(EpError::InvalidConfig(message)) => {
+                    assert!(message.contains(name), "{message}")
+                }
+                other => panic!("{name}={value}: {other:?}"),
+            }
+        }
     }
 }

@@ -166,6 +166,13 @@ where
 }
 
 impl HierarchicalComm {
+    /// This rank's NCCL communicator, where it has one, with
+    /// [`NcclComm::with_loopback`].
+    pub fn with_nccl_loopback(mut self, on: bool) -> Self {
+        self.nccl = self.nccl.take().map(|n| n.with_loopback(on));
+        self
+    }
+
     pub fn rank(&self) -> usize {
         self.rank
     }

@@ -99,12 +99,6 @@ impl Launch {
         })
     }
 
-    /// `BURN_EP_LOCAL_RANKS`, the ranks each process drives, where it is set.
-    pub fn local_ranks_from_env() -> EpResult<Option<usize>> {
-        let name = "BURN_EP_LOCAL_RANKS";
-        number(name, std::env::var(name).ok())
-    }
-
     /// Ranks in the whole group.
     pub fn world_size(&self) -> usize {
         self.processes * self.local_ranks

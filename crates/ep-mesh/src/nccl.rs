@@ -44,7 +44,7 @@ pub struct NcclComm {
     context: Raw<sys::CUcontext>,
     stream: Raw<sys::CUstream>,
     timeout: Duration,
-    /// Send the rank's own segment through NCCL too (`BURN_EP_NCCL_LOOPBACK=1`): a
+    /// Send the rank's own rows through NCCL too ([`NcclComm::with_loopback`]): a
     /// check of the NCCL path on a host with one GPU, where a group has one rank.
     loopback: bool,
     state: Mutex<State>,
@@ -220,7 +220,7 @@ impl NcclComm {
             context: Raw(context),
             stream: Raw(stream),
             timeout,
-            loopback: std::env::var("BURN_EP_NCCL_LOOPBACK").is_ok_and(|v| v == "1"),
+            loopback: false,
             state: Mutex::new(State::default()),
         };
         let deadline = Instant::now() + timeout;
@@ -232,6 +232,14 @@ impl NcclComm {
             })?;
         }
         Ok(this)
+    }
+
+    /// With `on`, this rank's own rows go through NCCL's send and receive too,
+    /// instead of a device copy or the caller's kernels: a diagnostic for a host
+    /// with one GPU, where a group has one rank and would otherwise never call them.
+    pub fn with_loopback(mut self, on: bool) -> Self {
+        self.loopback = on;
+        self
     }
 
     pub fn rank(&self) -> usize {

@@ -1,7 +1,7 @@
 //! Which path rows take between two ranks: device copies between the ranks one
 //! process drives (peer copies over NVLink, or a copy on the device they share),
-//! NCCL to everyone else. Chosen from where the ranks run, and overridable
-//! (`BURN_EP_INTRANODE`), since a user may know better (e.g. to compare the two).
+//! NCCL to everyone else. Chosen from where the ranks run, and overridable (burn-ep's
+//! `RunOptions::intranode`), since a user may know better (e.g. to compare the two).
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,13 +21,6 @@ pub enum IntraProcess {
     Nccl,
 }
 
-impl IntraProcess {
-    /// The choice named by `BURN_EP_INTRANODE` (`auto` when unset).
-    pub fn from_env() -> EpResult<Self> {
-        std::env::var("BURN_EP_INTRANODE").map_or(Ok(Self::Auto), |v| v.parse())
-    }
-}
-
 impl FromStr for IntraProcess {
     type Err = EpError;
 
@@ -37,7 +30,7 @@ impl FromStr for IntraProcess {
             "cuda-peer" => Ok(Self::CudaPeer),
             "nccl" => Ok(Self::Nccl),
             other => Err(EpError::InvalidConfig(format!(
-                "BURN_EP_INTRANODE={other:?}: expected auto, cuda-peer or nccl"
+                "intra-process route {other:?}: expected auto, cuda-peer or nccl"
             ))),
         }
     }
@@ -137,7 +130,7 @@ pub fn choose_routes(
         {
             return Err(EpError::InvalidConfig(format!(
                 "ranks {rank} and {other} share CUDA device {} in one process, and NCCL \
-                 cannot connect two ranks on one device (BURN_EP_INTRANODE={choice}); \
+                 cannot connect two ranks on one device (intra-process route {choice}); \
                  give each rank its own GPU or let them use device copies",
                 placement.device_of[rank]
             )));

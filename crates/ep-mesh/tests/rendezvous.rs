@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use ep_core::EpError;
 use ep_mesh::rendezvous::{exchange_payload, join, RendezvousConfig, RendezvousHost};
+use ep_mesh::Launch;
 
 const PAYLOAD: &[u8] = b"\x00\x01nccl-unique-id\xff";
 
@@ -181,19 +182,24 @@ fn joining_without_a_host_times_out() {
 
 #[test]
 fn the_environment_is_read_in_the_torchrun_convention() {
-    // Only this test touches these variables in this process.
-    for (k, v) in [
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29500"),
-        ("WORLD_SIZE", "2"),
-        ("RANK", "5"),
-    ] {
-        unsafe { std::env::set_var(k, v) };
-    }
-    let err = RendezvousConfig::from_env(Duration::from_secs(1)).unwrap_err();
+    // The variables as the environment would give them (`Launch::from_env` reads
+    // the process's own), without setting any in a multi-threaded harness.
+    let vars = |rank: &'static str| {
+        move |name: &str| {
+            let value = match name {
+                "MASTER_ADDR" => "127.0.0.1",
+                "MASTER_PORT" => "29500",
+                "WORLD_SIZE" => "2",
+                "RANK" => rank,
+                _ => return None,
+            };
+            Some(value.to_string())
+        }
+    };
+    let timeout = Duration::from_secs(1);
+    let err = Launch::from_vars(vars("5"), timeout, 1).unwrap_err();
     assert!(matches!(err, EpError::InvalidConfig(m) if m.contains("RANK 5")));
-    unsafe { std::env::set_var("RANK", "1") };
-    let config = RendezvousConfig::from_env(Duration::from_secs(1)).unwrap();
+    let config = Launch::from_vars(vars("1"), timeout, 1).unwrap().rendezvous;
     assert_eq!(
         (config.rank, config.world_size, config.addr.port()),
         (1, 2, 29500)
