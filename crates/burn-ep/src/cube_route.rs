@@ -15,7 +15,7 @@ use cubecl::Runtime;
 use ep_core::{EpError, EpResult};
 
 use crate::backend::RoutePlan;
-use crate::cube::{alloc, launch_pack, launch_sum, MetaBuffers, OwnPlacement, OwnRows};
+use crate::cube::{launch_pack, launch_sum, MetaBuffers, OwnPlacement, OwnRows};
 use crate::cube_exchange::{alloc_planes, exchange_into, Counts};
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 
@@ -37,24 +37,20 @@ pub(crate) fn route_rows<R: CubeRuntime>(
     // Inputs are made contiguous only where rows are sent: CUDA refuses the
     // zero-size copy kernel a rank without tokens would launch.
     let send = plan.send_slots().map(|slots| {
-        let x = into_contiguous(x);
-        let out = alloc::<R, 2>(
-            &x.client,
-            &x.device,
-            [plan.sent_rows(), planes[0].0],
-            x.dtype,
-        );
+        let sent = alloc_planes::<R>(&plan.device, &planes, plan.sent_rows())
+            .unwrap_or_else(|| unreachable!("send slots come with rows to send"));
         let placement = own.zip(recv.as_ref()).map(|(own, recv)| OwnPlacement {
             own,
             rows: &recv[0],
             ids: None,
         });
-        launch_pack(&x, &into_contiguous(slots.clone()), &out, None, placement);
-        out
+        let slots = into_contiguous(slots.clone());
+        launch_pack(&into_contiguous(x), &slots, &sent[0], None, placement);
+        sent
     });
     exchange_into(
         tag,
-        send.as_ref().map(slice::from_ref),
+        send.as_deref(),
         recv.as_deref(),
         &planes,
         outgoing(plan, own.is_some()),

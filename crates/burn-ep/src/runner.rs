@@ -136,10 +136,8 @@ impl RunOptions {
 
     fn from_vars(var: impl Fn(&str) -> Option<String>) -> EpResult<Self> {
         let mut options = Self::default();
-        if let Some(ranks) = var("BURN_EP_LOCAL_RANKS") {
-            let ranks = ranks.parse().map_err(|_| {
-                EpError::InvalidConfig(format!("BURN_EP_LOCAL_RANKS={ranks:?}: not a number"))
-            })?;
+        let name = "BURN_EP_LOCAL_RANKS";
+        if let Some(ranks) = ep_mesh::launch::number(name, var(name))? {
             options = options.with_ranks_per_node(ranks);
         }
         if let Some(route) = var("BURN_EP_INTRANODE") {

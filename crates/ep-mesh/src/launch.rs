@@ -121,7 +121,9 @@ impl Launch {
 }
 
 /// The number a variable holds, if it is set; an error naming it if it is no number.
-fn number(name: &str, value: Option<String>) -> EpResult<Option<usize>> {
+/// The count a variable `name` holds (`None` when unset); a value that is not a
+/// number is refused naming the variable.
+pub fn number(name: &str, value: Option<String>) -> EpResult<Option<usize>> {
     value
         .map(|value| {
             value
