@@ -251,6 +251,120 @@ mod on_cuda {
         }
     }
 
+    /// What one rank of a lane test saw: its device index, its dispatched rows, its
+    /// combine, the MoE layer's output and the gradient of its input.
+    type LaneOutcome = (usize, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+    /// Ranks that share a GPU each get a CubeCL server of their own on it (a lane,
+    /// `CudaDevice::lane`), so their launches do not take turns on one lock. The
+    /// device indices the runner hands out are distinct and run on the GPUs the
+    /// transport placed the ranks on; dispatch and combine on them match the
+    /// reference; and the MoE layer (its experts on cuBLAS, whose handles follow the
+    /// GPU, not the lane) gives, forward and backward, bit for bit what it gives
+    /// with every rank on one server.
+    #[test]
+    fn ranks_sharing_a_gpu_run_on_servers_of_their_own() {
+        use burn::backend::Autodiff;
+        use burn::tensor::{Tensor, TensorData};
+        use burn_ep::moe::MoeConfig;
+        use burn_ep::{run_ranks, EpGroup};
+        use cubecl::cuda::CudaDevice;
+        use ep_core::reference;
+        type Ad = Autodiff<Cube>;
+        let world = 3;
+        let config = EpConfig::new(world, 2 * world, 2, 16);
+        let (k, h, local) = (config.top_k, config.hidden_size, config.experts_per_rank());
+        let (p, s) = (RoutingPattern::Uniform, SentinelPattern::RandomTenth);
+        let batches = synthetic_batches(&config, 21, p, s, 5);
+        let moe = MoeConfig::new(h, 24, config.num_experts, k);
+        let tokens = 19;
+        let work = |group: EpGroup<Ad>| -> burn_ep::EpResult<LaneOutcome> {
+            let (rank, device) = (group.rank(), group.device().clone());
+            let (x, idx, w) = inputs::<Ad>(&batches[rank], k, &device);
+            let d = group.dispatch(x, idx, w)?;
+            let offsets = d.routing.expert_offsets().to_vec();
+            let y = apply_experts(d.rows.clone(), &offsets, rank * local);
+            let combined = group.combine(y, &d.routing)?;
+            let layer = moe.init::<Ad>(rank, world, 11, &device);
+            let values: Vec<f32> = (0..tokens * h)
+                .map(|i| ((i * 7 + rank * 13) % 17) as f32 / 17.0 - 0.5)
+                .collect();
+            let x = Tensor::<Ad, 2>::from_data(TensorData::new(values, [tokens, h]), &device)
+                .require_grad();
+            let out = layer.forward(x.clone(), &group)?.out;
+            let grads = out.clone().sum().backward();
+            let dx = x.grad(&grads).expect("x takes part in the loss");
+            Ok((
+                CudaDevice::new(device.index).index,
+                host(d.rows),
+                host(combined),
+                host(out),
+                host(dx),
+            ))
+        };
+        let lanes: Vec<LaneOutcome> = run_ranks(
+            Transport::CudaPeer,
+            &options(),
+            &config,
+            |_, index| CudaDevice::new(index),
+            work,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+        let shared: Vec<LaneOutcome> = run_ranks(
+            Transport::CudaPeer,
+            &options(),
+            &config,
+            |_, index| CudaDevice::new(CudaDevice::new(index).ordinal()),
+            work,
+        )
+        .unwrap()
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+
+        let gpus = ep_mesh::cuda_device_count().unwrap();
+        let mut indices: Vec<usize> = lanes.iter().map(|l| l.0).collect();
+        for (rank, &index) in indices.iter().enumerate() {
+            // The transport places rank r on GPU r mod (GPUs in use).
+            let gpu = rank % gpus.min(world);
+            assert_eq!(
+                CudaDevice::new(index).ordinal(),
+                gpu,
+                "rank {rank}: its GPU"
+            );
+        }
+        indices.sort_unstable();
+        indices.dedup();
+        assert_eq!(
+            indices.len(),
+            world,
+            "every rank a server of its own: {indices:?}"
+        );
+
+        let expected = reference::dispatch(&config, &batches).unwrap();
+        let combined = reference_combine(&config, &batches, &expected);
+        for (rank, (lane, one)) in lanes.iter().zip(&shared).enumerate() {
+            assert_eq!(lane.1, expected[rank].rows, "rank {rank}: rows");
+            assert_combine_eq(
+                &lane.2,
+                &combined[rank],
+                expert_scale(config.num_experts - 1),
+                &format!("rank {rank}: combine"),
+            );
+            assert_eq!(
+                lane.3, one.3,
+                "rank {rank}: MoE output, lanes against one server"
+            );
+            assert_eq!(
+                lane.4, one.4,
+                "rank {rank}: MoE input gradient, lanes against one server"
+            );
+        }
+    }
+
     /// The tensor-op fallback has no device path: the cuda-peer transport moves its
     /// rows as host data through the control channel, with the same results.
     #[test]

@@ -43,9 +43,10 @@ struct Options {
     #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     sp: usize,
     /// local | cuda-peer (rows by device copies; --backend cuda) | nccl |
-    /// hierarchical (one GPU per rank; --backend cuda)
-    #[arg(long, default_value = "local")]
-    transport: Transport,
+    /// hierarchical (one GPU per rank; --backend cuda); by default cuda-peer on
+    /// cuda, local elsewhere
+    #[arg(long)]
+    transport: Option<Transport>,
     /// The model and batch: small, or one whose MoE layers are GPU-sized (hidden
     /// 1024, 64 experts of width 1408, top-6, 8192 tokens per step)
     #[arg(long, value_enum, default_value_t = Size::Small)]
@@ -71,6 +72,10 @@ struct Options {
     /// Overrides the size's vocabulary
     #[arg(long)]
     vocab: Option<usize>,
+    /// Compile every CUDA kernel again instead of loading what an earlier run of
+    /// this build compiled (kept under `target/kernel-cache/`)
+    #[arg(long)]
+    no_kernel_cache: bool,
 }
 
 const AFTER_HELP: &str = "Prints the loss, tokens per second and the model's TFLOP/s \
@@ -84,6 +89,15 @@ enum Size {
 }
 
 impl Options {
+    /// The transport given, or by default the one a backend's devices want: rows by
+    /// device copies on CUDA, through the host elsewhere.
+    fn transport(&self) -> Transport {
+        self.transport.unwrap_or(match self.backend {
+            BackendName::Cuda | BackendName::CudaFusion => Transport::CudaPeer,
+            _ => Transport::Local,
+        })
+    }
+
     /// The size's model and batch, with the figures given beside it.
     fn train_config(&self) -> TrainConfig {
         let mut config = match self.size {
@@ -214,11 +228,45 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
     }
 }
 
+/// Keeps the kernels NVRTC compiles (their PTX) between runs, unless a `cubecl.toml`
+/// already chose where: compiling them is most of a short run on a GPU. CubeCL finds
+/// a cached kernel by its name and compile-time arguments, not its code, so the
+/// cache is kept per build of this program: `target/kernel-cache/train_moe-<build>`,
+/// where `<build>` changes whenever the binary does.
+fn keep_compiled_kernels() {
+    use cubecl::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+    let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+    if config.compilation.cache.is_none() {
+        config.compilation.cache =
+            kernel_cache_of_this_build(&CacheConfig::Target.root()).map(CacheConfig::File);
+    }
+    CubeClRuntimeConfig::set(config);
+}
+
+/// `root/kernel-cache/train_moe-<build>`, named by this binary's size and time of
+/// writing; `None` (no cache) where the binary cannot be read. Earlier builds'
+/// folders stay (a few MB each; `cargo clean` removes them): one may be in use by a
+/// run of that build, and CubeCL panics on a cache file removed under it.
+fn kernel_cache_of_this_build(root: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::hash::{DefaultHasher, Hash, Hasher};
+    let binary = std::fs::metadata(std::env::current_exe().ok()?).ok()?;
+    let mut hasher = DefaultHasher::new();
+    (binary.len(), binary.modified().ok()?).hash(&mut hasher);
+    Some(
+        root.join("kernel-cache")
+            .join(format!("train_moe-{:016x}", hasher.finish())),
+    )
+}
+
 fn main() {
     let o = Options::parse();
     refuse_unbuilt::<Options>(o.backend);
+    if !o.no_kernel_cache {
+        keep_compiled_kernels();
+    }
     let config = o.train_config();
-    let (ranks, steps, transport) = (o.ranks, o.steps, o.transport);
+    let (ranks, steps) = (o.ranks, o.steps);
+    let transport = o.transport();
     if config.num_experts % ranks != 0 || config.global_tokens % ranks != 0 {
         Options::command()
             .error(
@@ -297,6 +345,42 @@ mod tests {
             .unwrap()
             .train_config();
         assert_eq!(small.hidden, TrainConfig::default().hidden);
+    }
+
+    /// The cache folder is this build's: the same for every run of one binary, under
+    /// `kernel-cache`, named by a hash of the binary.
+    #[test]
+    fn the_kernel_cache_is_named_by_this_build() {
+        let root = std::path::Path::new("target-of-a-test");
+        let folder = kernel_cache_of_this_build(root).expect("the test binary can be read");
+        assert_eq!(Some(&folder), kernel_cache_of_this_build(root).as_ref());
+        assert_eq!(folder.parent(), Some(root.join("kernel-cache").as_path()));
+        let name = folder.file_name().unwrap().to_string_lossy().into_owned();
+        let hash = name
+            .strip_prefix("train_moe-")
+            .expect("named after the program");
+        assert!(
+            hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn the_transport_follows_the_backend_unless_given() {
+        let transport = |args: &[&str]| Options::try_parse_from(args).unwrap().transport();
+        assert_eq!(transport(&["train_moe"]), Transport::Local);
+        assert_eq!(
+            transport(&["train_moe", "--backend", "cuda"]),
+            Transport::CudaPeer
+        );
+        assert_eq!(
+            transport(&["train_moe", "--backend", "cuda", "--transport", "local"]),
+            Transport::Local
+        );
+        assert_eq!(
+            transport(&["train_moe", "--backend", "wgpu"]),
+            Transport::Local
+        );
     }
 
     #[test]

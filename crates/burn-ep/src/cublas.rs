@@ -63,7 +63,7 @@ pub(crate) fn batched_matmul<R: CubeRuntime>(
     };
     let (a_res, b_res, out_res) = (resource(a_cuda), resource(b_cuda), resource(out_cuda));
     let stream = out_res.resource().stream;
-    let ordinal = out_cuda.device.index;
+    let ordinal = out_cuda.device.ordinal();
     let operand = |t: &CubeTensor<CudaRuntime>, address: u64| {
         let strides = t.meta.strides();
         Operand {

@@ -154,9 +154,12 @@ impl RunOptions {
 }
 
 /// Runs `work` on `config.world_size` ranks, one thread each, and returns each rank's
-/// result in rank order. `device(rank, ordinal)` gives a rank its device: `ordinal`
-/// is the CUDA device the cuda-peer transport assigned it (0 on the local
-/// transport). A rank that panics yields [`EpError::PeerFailed`], and its peers'
+/// result in rank order. `device(rank, index)` gives a rank its device: on the
+/// cuda-peer transport, `CudaDevice::new(index)` is the CUDA device the transport
+/// placed the rank on, each rank sharing a GPU getting a server of its own there
+/// (`index` is the GPU's ordinal for the first rank on it, `ordinal + 256 × n` for
+/// the n-th next, which burn-ep's patched `cubecl-cuda` runs on that GPU); on the
+/// local transport `index` is 0. A rank that panics yields [`EpError::PeerFailed`], and its peers'
 /// pending calls fail instead of hanging.
 ///
 /// # Example
@@ -203,7 +206,9 @@ where
         })),
         #[cfg(feature = "cuda")]
         Transport::CudaPeer => ep_mesh::run_cuda_peer(config.world_size, timeout, |comm| {
-            let device = device(comm.rank(), comm.device());
+            // Ranks sharing a GPU each get a CubeCL server of their own on it.
+            let index = cubecl::cuda::CudaDevice::lane(comm.device(), comm.lane()).index;
+            let device = device(comm.rank(), index);
             work(EpGroup::cuda_peer(config.clone(), comm, device)?)
         }),
         #[cfg(feature = "cuda")]

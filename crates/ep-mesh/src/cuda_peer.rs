@@ -310,6 +310,16 @@ impl CudaPeerComm {
         self.devices[self.rank()]
     }
 
+    /// How many lower ranks share this rank's device: ranks on one device run as
+    /// separate servers ("lanes") of it, so that their launches need not take turns.
+    pub fn lane(&self) -> usize {
+        let device = self.device();
+        self.devices[..self.rank()]
+            .iter()
+            .filter(|&&d| d == device)
+            .count()
+    }
+
     /// The CUDA ordinal of every rank.
     pub fn devices(&self) -> &[usize] {
         &self.devices

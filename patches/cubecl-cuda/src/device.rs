@@ -11,6 +11,23 @@ pub struct CudaDevice {
     pub index: usize,
 }
 
+/// burn-ep: indices from this one on are further servers on a device already
+/// counted: index `ordinal + LANE_STRIDE * lane` runs on CUDA device `ordinal`
+/// with a CubeCL server (lock, streams, memory pools) of its own (see PATCH.md).
+pub const LANE_STRIDE: usize = 256;
+
+impl CudaDevice {
+    /// burn-ep: server `lane` of CUDA device `ordinal` (lane 0 is `CudaDevice::new(ordinal)`).
+    pub fn lane(ordinal: usize, lane: usize) -> Self {
+        Self::new(ordinal + LANE_STRIDE * lane)
+    }
+
+    /// burn-ep: the CUDA device ordinal this device runs on.
+    pub fn ordinal(&self) -> usize {
+        self.index % LANE_STRIDE
+    }
+}
+
 impl core::fmt::Debug for CudaDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Cuda({})", self.index)

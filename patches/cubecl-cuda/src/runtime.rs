@@ -51,7 +51,7 @@ impl DeviceService for CudaServer {
 
         // To get the supported WMMA features, and memory properties, we have to initialize the server immediately.
         cudarc::driver::result::init().unwrap();
-        let device_index = device.index as i32;
+        let device_index = device.ordinal() as i32;
         let device_ptr = cudarc::driver::result::device::get(device_index).unwrap();
         let arch_major;
         // SAFETY: Calling CUDA driver FFI to query compute capability attributes.
