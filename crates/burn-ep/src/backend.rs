@@ -61,7 +61,9 @@ pub struct RoutePlan<I, D> {
     pub handle: u64,
     /// Tokens after sequence-parallel padding.
     pub tokens: usize,
+    /// Rows this rank sends each rank, by destination.
     pub send_counts: Vec<usize>,
+    /// Rows this rank receives from each rank, by source.
     pub recv_counts: Vec<usize>,
     /// What dispatch returned and combine takes.
     pub layout: DispatchLayout,
@@ -70,6 +72,7 @@ pub struct RoutePlan<I, D> {
     pub padded_rows: usize,
     /// The expert-major rows that are alignment padding (no slot names them).
     pub pads: Vec<u32>,
+    /// The device every tensor of the plan is on.
     pub device: D,
     /// `[tokens, W]` send slots; `None` when there are no tokens.
     pub slots: Option<I>,
@@ -103,10 +106,12 @@ impl<I, D> RoutePlan<I, D> {
         }
     }
 
+    /// Rows this rank sends, its own included.
     pub fn sent_rows(&self) -> usize {
         self.send_counts.iter().sum()
     }
 
+    /// Rows this rank receives, its own included.
     pub fn received_rows(&self) -> usize {
         self.recv_counts.iter().sum()
     }
@@ -116,6 +121,7 @@ impl<I, D> RoutePlan<I, D> {
         self.slots.as_ref().filter(|_| self.sent_rows() > 0)
     }
 
+    /// Whether the plan's layout is rank-major (each received token once).
     pub fn rank_major(&self) -> bool {
         self.layout == DispatchLayout::RankMajor
     }
@@ -140,8 +146,12 @@ pub type Packed<B> = (FloatTensor<B>, Option<IntTensor<B>>);
 /// `[S, H]`, their top-k weights `[S, K]` and destination-local expert ids `[S, K]`.
 #[derive(Debug, Clone)]
 pub struct RecordRows<B: Backend> {
+    /// `[S, H]` rows in send order.
     pub rows: FloatTensor<B>,
+    /// `[S, K]` each sent row's top-k weights.
     pub weights: FloatTensor<B>,
+    /// `[S, K]` each sent row's expert ids, local to its destination (`-1`: not
+    /// there).
     pub expert_ids: IntTensor<B>,
 }
 
@@ -156,6 +166,7 @@ pub type RecordedRoute<B> = (FloatTensor<B>, Option<(FloatTensor<B>, IntTensor<B
 pub struct PackMeta<B: Backend> {
     /// `[T, K]` global expert ids.
     pub topk_idx: IntTensor<B>,
+    /// Experts each rank holds: an id's rank is `id / experts_per_rank`.
     pub experts_per_rank: usize,
 }
 

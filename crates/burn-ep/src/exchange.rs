@@ -176,11 +176,14 @@ impl ExchangeOp {
 /// order of recording dispatches, so equal on every rank) and the operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExchangeTag {
+    /// The routing handle's number in its group.
     pub handle: u64,
+    /// Which operation of the handle the exchange serves.
     pub op: ExchangeOp,
 }
 
 impl ExchangeTag {
+    /// The tag of operation `op` on handle `handle`.
     pub fn new(handle: u64, op: ExchangeOp) -> Self {
         Self { handle, op }
     }

@@ -126,18 +126,22 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         })
     }
 
+    /// The group's configuration, with this rank's number in it.
     pub fn config(&self) -> &EpConfig {
         &self.config
     }
 
+    /// This rank's number in the group, `0..world_size`.
     pub fn rank(&self) -> usize {
         self.config.rank
     }
 
+    /// How many ranks the group has.
     pub fn world_size(&self) -> usize {
         self.config.world_size
     }
 
+    /// The device this rank's tensors must be on.
     pub fn device(&self) -> &B::Device {
         &self.device
     }

@@ -13,6 +13,8 @@
 //! (`burn::backend::Wgpu` and `Cuda` with Burn's default features), others a
 //! tensor-op fallback.
 
+#![warn(missing_docs)]
+
 mod autodiff;
 mod backend;
 mod cube;
@@ -29,6 +31,32 @@ mod routing;
 mod runner;
 mod transfer;
 pub mod zero_size;
+
+/// The book's chapters, so that rustdoc compiles and runs their Rust snippets with
+/// this crate's doctests (`cargo test --doc`), as it does the API's own examples.
+#[cfg(doctest)]
+mod book {
+    #[doc = include_str!("../../../book/src/introduction.md")]
+    mod introduction {}
+    #[doc = include_str!("../../../book/src/quickstart.md")]
+    mod quickstart {}
+    #[doc = include_str!("../../../book/src/contract.md")]
+    mod contract {}
+    #[doc = include_str!("../../../book/src/architecture.md")]
+    mod architecture {}
+    #[doc = include_str!("../../../book/src/transports.md")]
+    mod transports {}
+    #[doc = include_str!("../../../book/src/multinode.md")]
+    mod multinode {}
+    #[doc = include_str!("../../../book/src/kernels.md")]
+    mod kernels {}
+    #[doc = include_str!("../../../book/src/moe_model.md")]
+    mod moe_model {}
+    #[doc = include_str!("../../../book/src/training.md")]
+    mod training {}
+    #[doc = include_str!("../../../book/src/benchmarks.md")]
+    mod benchmarks {}
+}
 
 pub use backend::{
     DispatchLayout, ExpertParallelBackend, LayoutOutput, PackMeta, Plan, RecordRows, RecordedRoute,

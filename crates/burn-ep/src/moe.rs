@@ -20,10 +20,13 @@ use crate::{EpGroup, ExpertParallelBackend, RouterScoring};
 /// The layer's shape and routing choices.
 #[derive(Config, Debug)]
 pub struct MoeConfig {
+    /// Hidden size `H` of the tokens.
     pub hidden: usize,
     /// Inner width of every SwiGLU expert.
     pub ffn_hidden: usize,
+    /// Experts `E` of the whole group.
     pub num_experts: usize,
+    /// Experts each token goes to.
     pub top_k: usize,
     /// Sigmoid scores (DeepSeek-V3) instead of a softmax over the experts.
     #[config(default = false)]
@@ -51,23 +54,31 @@ pub struct Router<B: Backend> {
     pub gate: Param<Tensor<B, 2>>,
     /// `[E]`, not trained by gradients: moved by [`MoeLayer::update_bias`].
     pub bias: Param<Tensor<B, 1>>,
+    /// Experts each token goes to.
     pub top_k: usize,
+    /// Sigmoid scores instead of a softmax (see [`MoeConfig::sigmoid_scores`]).
     pub sigmoid_scores: bool,
+    /// Top-k weights rescaled to sum to one.
     pub renormalize: bool,
+    /// Multiplies the top-k weights.
     pub score_scale: f64,
+    /// Weight of the auxiliary load-balancing loss (0: none).
     pub aux_loss_weight: f64,
 }
 
 /// What the router chose for a batch of tokens.
 #[derive(Debug, Clone)]
 pub struct RouterOutput<B: Backend> {
+    /// `[T, K]` the chosen global expert ids.
     pub topk_idx: Tensor<B, 2, burn::tensor::Int>,
+    /// `[T, K]` their weights, differentiable in the gate.
     pub topk_weights: Tensor<B, 2>,
     /// The auxiliary loss, when its weight is not zero.
     pub aux_loss: Option<Tensor<B, 1>>,
 }
 
 impl<B: ExpertParallelBackend> Router<B> {
+    /// The experts and weights of every token of `x` `[T, H]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
         let [tokens, _] = x.dims();
         if tokens == 0 {
@@ -317,8 +328,11 @@ impl Capacity {
 /// A Mixture-of-Experts layer over an expert-parallel group.
 #[derive(Module, Debug)]
 pub struct MoeLayer<B: Backend> {
+    /// The whole router (every rank holds it).
     pub router: Router<B>,
+    /// This rank's experts.
     pub experts: GroupedExperts<B>,
+    /// Step of the balancing bias in [`MoeLayer::update_bias`].
     pub bias_update_rate: f64,
 }
 
@@ -327,6 +341,7 @@ pub struct MoeLayer<B: Backend> {
 pub struct MoeOutput<B: Backend> {
     /// `[T, H]`
     pub out: Tensor<B, 2>,
+    /// The router's auxiliary loss, when its weight is not zero.
     pub aux_loss: Option<Tensor<B, 1>>,
     /// (token, expert) pairs this rank sent to each global expert.
     pub tokens_per_expert: Vec<usize>,

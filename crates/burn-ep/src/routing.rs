@@ -32,6 +32,7 @@ impl<B: ExpertParallelBackend> Routing<B> {
         self.tokens
     }
 
+    /// Hidden size `H` of the rows this handle moves.
     pub fn hidden_size(&self) -> usize {
         self.hidden
     }

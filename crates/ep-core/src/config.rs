@@ -11,11 +11,18 @@ use crate::{EpError, EpResult};
 /// `e / (num_experts / world_size)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpConfig {
+    /// Ranks `W` of the group.
     pub world_size: usize,
+    /// This rank's number, `0..world_size` (set by the runner for each rank).
     pub rank: usize,
+    /// Experts `E` of the whole group, `E / W` on each rank.
     pub num_experts: usize,
+    /// Experts each token goes to (`K`).
     pub top_k: usize,
+    /// Hidden size `H` of the tokens.
     pub hidden_size: usize,
+    /// The most tokens a rank may dispatch in one call ([`EpError::TooManyTokens`]
+    /// past it).
     pub max_tokens_per_rank: usize,
     /// Each expert's group of rows is padded to a multiple of this (1, 8, 16, 128 ...).
     pub expert_alignment: usize,
@@ -44,26 +51,31 @@ impl EpConfig {
         }
     }
 
+    /// This config as rank `rank` holds it.
     pub fn with_rank(mut self, rank: usize) -> Self {
         self.rank = rank;
         self
     }
 
+    /// Room for `max` tokens per rank and call.
     pub fn with_max_tokens_per_rank(mut self, max: usize) -> Self {
         self.max_tokens_per_rank = max;
         self
     }
 
+    /// Each expert's rows padded to a multiple of `alignment`.
     pub fn with_expert_alignment(mut self, alignment: usize) -> Self {
         self.expert_alignment = alignment;
         self
     }
 
+    /// Tokens padded to a multiple of `sp_size` (sequence parallelism).
     pub fn with_sp_size(mut self, sp_size: usize) -> Self {
         self.sp_size = sp_size;
         self
     }
 
+    /// Every local expert padded to one row count (see [`EpConfig::uniform_expert_rows`]).
     pub fn with_uniform_expert_rows(mut self, uniform: bool) -> Self {
         self.uniform_expert_rows = uniform;
         self
@@ -105,6 +117,7 @@ impl EpConfig {
         Ok(())
     }
 
+    /// Experts each rank holds, `E / W`.
     pub fn experts_per_rank(&self) -> usize {
         self.num_experts / self.world_size
     }

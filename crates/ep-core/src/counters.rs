@@ -62,22 +62,27 @@ fn add(update: impl FnOnce(&mut Counts)) {
     });
 }
 
+/// Counts a host synchronisation (a device read or sync the host waits on).
 pub fn host_sync() {
     add(|c| c.host_syncs += 1);
 }
 
+/// Counts a control message sent to a peer.
 pub fn control_message() {
     add(|c| c.control_messages += 1);
 }
 
+/// Counts a device exchange of rows.
 pub fn exchange() {
     add(|c| c.exchanges += 1);
 }
 
+/// Counts a launch of one of burn-ep's own kernels.
 pub fn kernel_launch() {
     add(|c| c.kernel_launches += 1);
 }
 
+/// Counts `bytes` handed to a device transport to send.
 pub fn sent(bytes: usize) {
     add(|c| c.sent_bytes += bytes as u64);
 }

@@ -38,6 +38,7 @@ impl SendLayout {
         }
     }
 
+    /// Rows this rank sends each rank.
     pub fn send_counts(&self) -> Vec<usize> {
         self.tokens_per_rank.iter().map(Vec::len).collect()
     }

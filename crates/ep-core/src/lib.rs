@@ -6,6 +6,8 @@
 //! - [`reference`] is the plain-Rust oracle every backend and transport is tested against.
 //! - [`counters`] counts what the data path does, for the bench.
 
+#![warn(missing_docs)]
+
 mod config;
 pub mod counters;
 mod error;

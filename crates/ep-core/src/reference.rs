@@ -15,7 +15,9 @@ use crate::{padding, validate, EpConfig, EpResult};
 /// One rank's inputs, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankBatch {
+    /// Tokens `T` of this rank.
     pub tokens: usize,
+    /// Hidden size `H`.
     pub hidden: usize,
     /// `[tokens, hidden]`
     pub x: Vec<f32>,
@@ -44,6 +46,7 @@ pub struct ReferenceDispatch {
     pub rows: Vec<f32>,
     /// The top-k weight of each expert-major row, zero on pad rows.
     pub weights: Vec<f32>,
+    /// Where every row came from and went.
     pub routing: ReferenceRouting,
 }
 

@@ -22,6 +22,7 @@ pub enum RoutingPattern {
 /// Where `-1` slots appear.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SentinelPattern {
+    /// No `-1` slots.
     None,
     /// About 10% of slots, at random.
     RandomTenth,
@@ -36,10 +37,12 @@ pub enum SentinelPattern {
 pub struct SplitMix64(u64);
 
 impl SplitMix64 {
+    /// The stream that `seed` starts.
     pub fn new(seed: u64) -> Self {
         Self(seed)
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
@@ -53,6 +56,7 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// Uniform in `0..n` (up to a bias of `n / 2^64`).
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
