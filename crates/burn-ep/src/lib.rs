@@ -56,6 +56,8 @@ mod book {
     mod training {}
     #[doc = include_str!("../../../book/src/benchmarks.md")]
     mod benchmarks {}
+    #[doc = include_str!("../../../book/src/reference.md")]
+    mod reference {}
 }
 
 pub use backend::{
@@ -70,3 +72,44 @@ pub use exchange::{ExchangeOp, ExchangeTag, RowExchange, SharedExchange};
 pub use group::{Dispatched, EpGroup, RankMajorDispatched};
 pub use routing::Routing;
 pub use runner::{launch, run_ranks, RunOptions, Transport};
+
+#[cfg(test)]
+mod reference_chapter {
+    /// The names this file exports: the last segment of every `pub use` path (or
+    /// each name in its braces) and every `pub mod`.
+    fn exports(lib: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for item in lib.split(';') {
+            let item = item.trim_start();
+            let item = item.rsplit("\n\n").next().unwrap_or(item).trim();
+            if let Some(path) = item.strip_prefix("pub use ") {
+                let inner = match (path.find('{'), path.rfind('}')) {
+                    (Some(open), Some(close)) => &path[open + 1..close],
+                    _ => path.rsplit("::").next().unwrap_or(path),
+                };
+                names.extend(inner.split(',').map(|n| n.trim().to_string()));
+            } else if let Some(name) = item.strip_prefix("pub mod ") {
+                names.push(name.trim().to_string());
+            }
+        }
+        names.retain(|n| !n.is_empty());
+        names
+    }
+
+    /// The book's reference chapter names every item the crate exports, so that a
+    /// new export must be placed there: used by programs, or machinery.
+    #[test]
+    fn names_every_export() {
+        let chapter = include_str!("../../../book/src/reference.md");
+        let names = exports(include_str!("lib.rs"));
+        assert!(names.len() > 20, "the exports were not found: {names:?}");
+        let missing: Vec<_> = names
+            .iter()
+            .filter(|n| !chapter.contains(&format!("`{n}")))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "not in book/src/reference.md: {missing:?}"
+        );
+    }
+}
