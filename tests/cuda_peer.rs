@@ -295,7 +295,7 @@ mod on_cuda {
             let grads = out.clone().sum().backward();
             let dx = x.grad(&grads).expect("x takes part in the loss");
             Ok((
-                CudaDevice::new(device.index).index,
+                device.index,
                 host(d.rows),
                 host(combined),
                 host(out),

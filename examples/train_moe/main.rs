@@ -92,10 +92,17 @@ impl Options {
     /// The transport given, or by default the one a backend's devices want: rows by
     /// device copies on CUDA, through the host elsewhere.
     fn transport(&self) -> Transport {
-        self.transport.unwrap_or(match self.backend {
-            BackendName::Cuda | BackendName::CudaFusion => Transport::CudaPeer,
-            _ => Transport::Local,
-        })
+        let default = if self.on_cuda() {
+            Transport::CudaPeer
+        } else {
+            Transport::Local
+        };
+        self.transport.unwrap_or(default)
+    }
+
+    /// Whether the backend is CUDA's, with or without fusion.
+    fn on_cuda(&self) -> bool {
+        matches!(self.backend, BackendName::Cuda | BackendName::CudaFusion)
     }
 
     /// The size's model and batch, with the figures given beside it.
@@ -261,7 +268,8 @@ fn kernel_cache_of_this_build(root: &std::path::Path) -> Option<std::path::PathB
 fn main() {
     let o = Options::parse();
     refuse_unbuilt::<Options>(o.backend);
-    if !o.no_kernel_cache {
+    // NVRTC's compilation is what the cache saves; the CPU compiles no kernels.
+    if o.on_cuda() && !o.no_kernel_cache {
         keep_compiled_kernels();
     }
     let config = o.train_config();
