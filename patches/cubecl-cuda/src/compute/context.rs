@@ -254,12 +254,24 @@ impl CudaContext {
                     backtrace: BackTrace::capture(),
                 })?;
 
-            cudarc::driver::result::module::get_function(module, func_name).map_err(|err| {
-                CompilationError::Generic {
+            let func = cudarc::driver::result::module::get_function(module, func_name)
+                .map_err(|err| CompilationError::Generic {
                     reason: format!("Unable to fetch the function from the module: {err:?}"),
                     backtrace: BackTrace::capture(),
-                }
-            })?
+                })?;
+            // burn-ep: set once, when the function is loaded, instead of before every
+            // launch: the attribute stays with the function, and the call serialises
+            // the launches of every thread of the process (see PATCH.md).
+            cudarc::driver::result::function::set_function_attribute(
+                func,
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                shared_mem_bytes as i32,
+            )
+            .map_err(|err| CompilationError::Generic {
+                reason: format!("Unable to set the function's shared memory size: {err:?}"),
+                backtrace: BackTrace::capture(),
+            })?;
+            func
         };
 
         self.module_names.insert(
@@ -297,15 +309,6 @@ impl CudaContext {
         // for all kernel arguments. The dispatch and cube dimensions are validated by
         // the caller.
         unsafe {
-            cudarc::driver::result::function::set_function_attribute(
-                kernel.func,
-                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                kernel.shared_mem_bytes as i32,
-            )
-            .map_err(|err| LaunchError::Unknown {
-                reason: format!("{err:?}"),
-                backtrace: BackTrace::capture(),
-            })?;
             cudarc::driver::result::launch_kernel(
                 kernel.func,
                 dispatch_count,
