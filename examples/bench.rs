@@ -16,9 +16,9 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use burn_ep::counters::{self, Counts};
 use burn_ep::moe::{MoeConfig, MoeLayer};
+use burn_ep::steps::{ExchangeOp, ExchangeTag};
 use burn_ep::{
-    run_ranks, EpConfig, EpGroup, EpResult, ExchangeOp, ExchangeTag, ExpertParallelBackend,
-    Routing, RunOptions, Transport,
+    run_ranks, EpConfig, EpGroup, EpResult, ExpertParallelBackend, Routing, RunOptions, Transport,
 };
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use burn::backend::NdArray;
 use burn::tensor::{Tensor, TensorData};
-use burn_ep::{run_local, EpConfig, EpGroup};
+use burn_ep::{run_ranks, EpConfig, EpGroup, RunOptions, Transport};
 use ep_core::reference;
 use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
 
@@ -26,31 +26,38 @@ fn main() {
     );
     let device = Default::default();
 
-    let results = run_local(config.world_size, Duration::from_secs(30), |comm| {
-        let group = EpGroup::<B>::new(config.clone(), comm, device)?;
-        let b = &batches[group.rank()];
-        let tensor = |v: &[f32], cols| {
-            Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), [b.tokens, cols]), &device)
-        };
-        let x = tensor(&b.x, config.hidden_size);
-        let w = tensor(&b.topk_weights, config.top_k);
-        let idx = Tensor::from_data(
-            TensorData::new(b.topk_idx.clone(), [b.tokens, config.top_k]),
-            &device,
-        );
+    let options = RunOptions::default().with_timeout(Duration::from_secs(30));
+    let results = run_ranks(
+        Transport::Local,
+        &options,
+        &config,
+        |_, _| device,
+        |group: EpGroup<B>| {
+            let b = &batches[group.rank()];
+            let tensor = |v: &[f32], cols| {
+                Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), [b.tokens, cols]), &device)
+            };
+            let x = tensor(&b.x, config.hidden_size);
+            let w = tensor(&b.topk_weights, config.top_k);
+            let idx = Tensor::from_data(
+                TensorData::new(b.topk_idx.clone(), [b.tokens, config.top_k]),
+                &device,
+            );
 
-        let d = group.dispatch(x, idx, w)?;
-        // Identity experts: combine then gives every token sum_k w_k x.
-        let out = group.combine(d.rows.clone(), &d.routing)?;
-        let (rows, out) = (host(d.rows), host(out));
-        Ok((
-            d.routing.send_counts().to_vec(),
-            d.routing.recv_counts().to_vec(),
-            d.expert_counts,
-            rows,
-            out,
-        ))
-    });
+            let d = group.dispatch(x, idx, w)?;
+            // Identity experts: combine then gives every token sum_k w_k x.
+            let out = group.combine(d.rows.clone(), &d.routing)?;
+            let (rows, out) = (host(d.rows), host(out));
+            Ok((
+                d.routing.send_counts().to_vec(),
+                d.routing.recv_counts().to_vec(),
+                d.expert_counts,
+                rows,
+                out,
+            ))
+        },
+    )
+    .expect("the ranks start");
 
     let expected = reference::dispatch(&config, &batches).expect("valid synthetic routing");
     let routings: Vec<_> = expected.iter().map(|e| e.routing.clone()).collect();

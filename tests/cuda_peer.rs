@@ -418,3 +418,50 @@ fn device_transports_need_the_cuda_feature() {
         }
     }
 }
+
+/// The CubeCL runtimes say by their type whether their buffers are CUDA memory
+/// (`EpRuntime`), which the device transports and cuBLAS read: on CUDA a buffer
+/// gives its address, the stream of the thread that made it and its GPU, a lane
+/// (a second server on the GPU) the same GPU and a stream of its own; on any other
+/// runtime asking is refused by name.
+#[test]
+fn the_runtime_says_where_its_buffers_are() {
+    use burn::tensor::Tensor;
+    use burn_ep::steps::EpRuntime;
+    use burn_ep::EpError;
+    use common::{cube_available, Cube, CubeRuntime};
+    if !cube_available() {
+        return;
+    }
+    let tensor = |device| {
+        Tensor::<Cube, 2>::zeros([4, 8], &device)
+            .into_primitive()
+            .tensor()
+    };
+    let (a, b) = (tensor(Default::default()), tensor(Default::default()));
+    if !CubeRuntime::CUDA {
+        let err = CubeRuntime::cuda_buffer(&a).unwrap_err();
+        assert!(
+            matches!(&err, EpError::Transport(m) if m.contains("not CUDA")),
+            "{err:?}"
+        );
+        return;
+    }
+    let (a, b) = (
+        CubeRuntime::cuda_buffer(&a).unwrap(),
+        CubeRuntime::cuda_buffer(&b).unwrap(),
+    );
+    assert!(a.address != 0 && b.address != 0 && a.address != b.address);
+    assert_eq!(a.stream, b.stream, "one thread's buffers share its stream");
+    assert_eq!((a.ordinal, b.ordinal), (0, 0));
+    #[cfg(feature = "cuda")]
+    {
+        let lane = tensor(burn::backend::cuda::CudaDevice::lane(0, 1));
+        let lane = CubeRuntime::cuda_buffer(&lane).unwrap();
+        assert_eq!(lane.ordinal, 0, "a lane runs on its GPU");
+        assert_ne!(
+            lane.stream, a.stream,
+            "a lane orders its buffers on its own stream"
+        );
+    }
+}

@@ -312,7 +312,7 @@ fn bad_input_gives_clear_errors(#[values(Which::NdArray, Which::Cube)] which: Wh
 
 #[test]
 fn world_size_must_match_the_transport() {
-    let comms = burn_ep::local_comms(2, TIMEOUT);
+    let comms = burn_ep::profiling::local_comms(2, TIMEOUT);
     let config = EpConfig::new(4, 8, 2, 3);
     let comm = comms.into_iter().next().unwrap();
     let err = burn_ep::EpGroup::<NdArray>::new(config, comm, Default::default())

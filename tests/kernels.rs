@@ -666,7 +666,7 @@ fn swiglu_and_its_gradients_match_plain_rust(#[case] which: Which, #[case] dtype
 /// Rust in f64: the choice against a sort of `score + bias` (the bias steering it
 /// away from the best scores), the weights against their formula, and the
 /// gradient against central differences of `<weights, seed>` with the choice held.
-fn router_matches<B: ExpertParallelBackend>(scoring: burn_ep::RouterScoring) {
+fn router_matches<B: ExpertParallelBackend>(scoring: burn_ep::steps::RouterScoring) {
     use burn::backend::Autodiff;
     use burn::tensor::Int;
     type Ad<B> = Autodiff<B>;
@@ -780,7 +780,7 @@ fn router_and_its_gradient_match_plain_rust(
     if !runs_here(which) {
         return;
     }
-    let scoring = burn_ep::RouterScoring {
+    let scoring = burn_ep::steps::RouterScoring {
         sigmoid,
         renormalize,
         scale: 2.5,

@@ -11,7 +11,8 @@ mod on_cuda {
     use std::time::{Duration, Instant};
 
     use super::common::*;
-    use burn_ep::{run_ranks, Control, EpConfig, EpError, Transport};
+    use burn_ep::profiling::Control;
+    use burn_ep::{run_ranks, EpConfig, EpError, Transport};
     use ep_core::synthetic::{synthetic_batches, RoutingPattern, SentinelPattern};
     use ep_mesh::nccl::{nccl_unique_id, run_nccl, NcclComm};
     use rstest::rstest;

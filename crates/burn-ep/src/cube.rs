@@ -25,13 +25,14 @@ use crate::cube_route;
 use crate::exchange::{
     host_exchange, host_exchange_record, ExchangeOp, ExchangeTag, SharedExchange,
 };
+use crate::runtime::EpRuntime;
 
 /// Units per cube for kernels with one unit per element.
 const ELEMENT_BLOCK: u32 = 256;
 /// Units per cube for kernels with one cube per row.
 const ROW_BLOCK: u32 = 128;
 
-impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertParallelBackend
+impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertParallelBackend
     for CubeBackend<R, F, I, BT>
 {
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {

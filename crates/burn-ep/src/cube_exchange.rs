@@ -1,22 +1,22 @@
 //! The device path of the exchange on CubeCL backends: the send buffers and the
 //! receive buffers are handed to the transport as device pointers, so rows never
 //! leave the GPU. Only CUDA buffers have pointers a CUDA transport can use; any
-//! other runtime gets an error naming the mismatch.
+//! other runtime gets an error naming the mismatch ([`EpRuntime`]).
 
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::CubeRuntime;
 use ep_core::{EpError, EpResult};
 use ep_mesh::Plane;
 
 use crate::cube::alloc;
 use crate::exchange::{ExchangeTag, SharedExchange};
+use crate::runtime::{CudaBuffer, EpRuntime};
 
 /// Moves the planes of `send` (each `[S, cols]`, segments in rank order) through
 /// `exchange` in one exchange; returns the received planes (`[R, cols]` each, of
 /// the `planes`' columns and dtypes), `None` when nothing came.
-pub(crate) fn device_exchange<R: CubeRuntime>(
+pub(crate) fn device_exchange<R: EpRuntime>(
     tag: ExchangeTag,
     send: Option<Vec<CubeTensor<R>>>,
     planes: &[(usize, DType)],
@@ -45,7 +45,7 @@ pub(crate) fn device_exchange<R: CubeRuntime>(
 
 /// Fresh contiguous buffers `[rows, cols]` of each plane's columns and dtype;
 /// `None` for no rows (CUDA refuses zero-size buffers' launches).
-pub(crate) fn alloc_planes<R: CubeRuntime>(
+pub(crate) fn alloc_planes<R: EpRuntime>(
     device: &R::Device,
     planes: &[(usize, DType)],
     rows: usize,
@@ -71,7 +71,7 @@ pub(crate) struct Counts<'a> {
 /// One exchange from the contiguous buffers `send` (segments in rank order) into
 /// `recv` (segments in source-rank order), one of each per plane (`planes`: their
 /// columns and dtypes); `None` where this rank sends or receives no rows.
-pub(crate) fn exchange_into<R: CubeRuntime>(
+pub(crate) fn exchange_into<R: EpRuntime>(
     tag: ExchangeTag,
     send: Option<&[CubeTensor<R>]>,
     recv: Option<&[CubeTensor<R>]>,
@@ -81,18 +81,17 @@ pub(crate) fn exchange_into<R: CubeRuntime>(
 ) -> EpResult<()> {
     let addresses = |buffers: Option<&[CubeTensor<R>]>| {
         buffers
-            .map(|b| b.iter().map(device_buffer).collect::<EpResult<Vec<_>>>())
+            .map(|b| b.iter().map(R::cuda_buffer).collect::<EpResult<Vec<_>>>())
             .transpose()
     };
     let (send, recv) = (addresses(send)?, addresses(recv)?);
     // The kernels that wrote the send buffers are queued on this thread's stream,
     // and those that read the receive buffers will be: the transport orders its
     // copies between them on the device, so the host does not wait here.
-    let all: Vec<&DeviceBuffer> = recv.iter().chain(send.iter()).flatten().collect();
+    let all: Vec<&CudaBuffer> = recv.iter().chain(send.iter()).flatten().collect();
     let stream = one_stream(&all)?;
-    let address = |buffers: &Option<Vec<DeviceBuffer>>, i: usize| {
-        buffers.as_ref().map_or(0, |b| b[i].address)
-    };
+    let address =
+        |buffers: &Option<Vec<CudaBuffer>>, i: usize| buffers.as_ref().map_or(0, |b| b[i].address);
     let device_planes: Vec<Plane> = planes
         .iter()
         .enumerate()
@@ -112,16 +111,9 @@ pub(crate) fn exchange_into<R: CubeRuntime>(
     )
 }
 
-/// A CUDA buffer as the transport sees it: where it is, and the stream its
-/// producers and consumers are ordered on.
-struct DeviceBuffer {
-    address: u64,
-    stream: u64,
-}
-
 /// The stream every buffer of an exchange is ordered on; CUDA's default stream
 /// (0) when the rank has no buffer, so there is nothing to order.
-fn one_stream(buffers: &[&DeviceBuffer]) -> EpResult<u64> {
+fn one_stream(buffers: &[&CudaBuffer]) -> EpResult<u64> {
     let stream = buffers.first().map_or(0, |b| b.stream);
     if buffers.iter().any(|b| b.stream != stream) {
         return Err(EpError::Transport(
@@ -131,36 +123,4 @@ fn one_stream(buffers: &[&DeviceBuffer]) -> EpResult<u64> {
         ));
     }
     Ok(stream)
-}
-
-/// The device address of a contiguous tensor's first element, and its stream.
-#[cfg(feature = "cuda")]
-fn device_buffer<R: CubeRuntime>(tensor: &CubeTensor<R>) -> EpResult<DeviceBuffer> {
-    use std::any::Any;
-    let tensor = (tensor as &dyn Any)
-        .downcast_ref::<CubeTensor<cubecl::cuda::CudaRuntime>>()
-        .ok_or_else(not_cuda)?;
-    let resource = tensor
-        .client
-        .get_resource(tensor.handle.clone())
-        .map_err(|e| EpError::Transport(format!("no device address for a buffer: {e:?}")))?;
-    let resource = resource.resource();
-    Ok(DeviceBuffer {
-        address: resource.ptr,
-        // The stream is a field of burn-ep's cubecl-cuda patch (patches/cubecl-cuda).
-        stream: resource.stream as u64,
-    })
-}
-
-#[cfg(not(feature = "cuda"))]
-fn device_buffer<R: CubeRuntime>(_tensor: &CubeTensor<R>) -> EpResult<DeviceBuffer> {
-    Err(not_cuda())
-}
-
-fn not_cuda() -> EpError {
-    EpError::Transport(
-        "the transport moves CUDA device memory, but the backend is not CUDA \
-         (use the local transport, or build with the `cuda` feature and the Cuda backend)"
-            .into(),
-    )
 }

@@ -7,10 +7,10 @@
 
 use std::slice;
 
+use crate::runtime::EpRuntime;
 use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
-use burn_cubecl::CubeRuntime;
 use cubecl::Runtime;
 use ep_core::{EpError, EpResult};
 
@@ -24,7 +24,7 @@ type CubePlan<R> = RoutePlan<CubeTensor<R>, <R as Runtime>::Device>;
 
 /// `x [T, C]` packed and sent along the route; the received rows `[R, C]` in
 /// source-rank order (`None` when nothing came).
-pub(crate) fn route_rows<R: CubeRuntime>(
+pub(crate) fn route_rows<R: EpRuntime>(
     x: CubeTensor<R>,
     plan: &CubePlan<R>,
     exchange: &SharedExchange,
@@ -62,7 +62,7 @@ pub(crate) fn route_rows<R: CubeRuntime>(
 /// Received-side rows `[R, C]` sent back to their sources, where each token sums
 /// what came back in rank order: `[T, C]`, or `None` when this rank sent no rows
 /// (every token's sum is zero).
-pub(crate) fn return_rows<R: CubeRuntime>(
+pub(crate) fn return_rows<R: EpRuntime>(
     rows: Option<CubeTensor<R>>,
     (cols, dtype): (usize, DType),
     plan: &CubePlan<R>,
@@ -101,7 +101,7 @@ pub(crate) fn return_rows<R: CubeRuntime>(
 /// the weights' pack writing each sent row's destination-local expert ids from
 /// `topk_idx`, all three moved in one exchange. Returns the received rows,
 /// weights and ids (`None` when nothing came).
-pub(crate) fn record_exchange<R: CubeRuntime>(
+pub(crate) fn record_exchange<R: EpRuntime>(
     x: CubeTensor<R>,
     weights: CubeTensor<R>,
     topk_idx: CubeTensor<R>,
@@ -163,7 +163,7 @@ pub(crate) fn record_exchange<R: CubeRuntime>(
 
 /// The counts of a route going out; `local_placed` when the pack placed this
 /// rank's own rows.
-fn outgoing<R: CubeRuntime>(plan: &CubePlan<R>, local_placed: bool) -> Counts<'_> {
+fn outgoing<R: EpRuntime>(plan: &CubePlan<R>, local_placed: bool) -> Counts<'_> {
     Counts {
         send: &plan.send_counts,
         recv: &plan.recv_counts,
@@ -175,7 +175,7 @@ fn outgoing<R: CubeRuntime>(plan: &CubePlan<R>, local_placed: bool) -> Counts<'_
 /// `None` where the transport moves them itself. A rank sends itself as many rows
 /// as it receives from itself, or the plan is not this rank's: refused before
 /// anything is written.
-fn own_rows<R: CubeRuntime>(
+fn own_rows<R: EpRuntime>(
     plan: &CubePlan<R>,
     exchange: &SharedExchange,
     tag: ExchangeTag,

@@ -4,7 +4,6 @@
 //! stream that owns the output buffer (burn-ep's cubecl-cuda patch names it), so
 //! they are ordered with the surrounding kernels without a host wait.
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::collections::hash_map::{Entry, HashMap};
 use std::ffi::c_void;
@@ -13,25 +12,24 @@ use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeRuntime;
-use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::{result as cublas, sys};
 use cudarc::driver::{result as driver, sys as driver_sys};
 
 use crate::cube::alloc;
+use crate::runtime::{CudaBuffer, EpRuntime};
 
 /// `op(a) · op(b)` for every batch of `a [G, M, K]` (`[G, K, M]` when `transpose_a`)
 /// and `b [G, K, N]` (`[G, N, K]` when `transpose_b`): `[G, M, N]`, accumulated in
 /// f32. `None` where cuBLAS cannot take it: not a CUDA tensor, a dtype other than
 /// f32, f16 and bf16, an empty product, or no cuBLAS library on the host.
-pub(crate) fn batched_matmul<R: CubeRuntime>(
+pub(crate) fn batched_matmul<R: EpRuntime>(
     a: &CubeTensor<R>,
     b: &CubeTensor<R>,
     transpose_a: bool,
     transpose_b: bool,
 ) -> Option<CubeTensor<R>> {
     let data_type = data_type(a.dtype)?;
-    let on_cuda = (a as &dyn Any).is::<CubeTensor<CudaRuntime>>();
-    if !on_cuda || b.dtype != a.dtype || !library_present() {
+    if !R::CUDA || b.dtype != a.dtype || !library_present() {
         return None;
     }
     let (a_dims, b_dims) = (dims3(a), dims3(b));
@@ -51,23 +49,14 @@ pub(crate) fn batched_matmul<R: CubeRuntime>(
     }
     let (a, b) = (as_rows(a), as_rows(b));
     let out = alloc::<R, 3>(&a.client, &a.device, [g, m, n], a.dtype);
-    let [a_cuda, b_cuda, out_cuda] = [&a, &b, &out].map(|t| {
-        (t as &dyn Any)
-            .downcast_ref::<CubeTensor<CudaRuntime>>()
-            .expect("checked above: a CUDA tensor")
-    });
-    let resource = |t: &CubeTensor<CudaRuntime>| {
-        t.client
-            .get_resource(t.handle.clone())
-            .unwrap_or_else(|e| panic!("cuBLAS: no device address for a buffer: {e:?}"))
+    let buffer = |t: &CubeTensor<R>| {
+        R::cuda_buffer(t).unwrap_or_else(|e| panic!("cuBLAS: no CUDA buffer for an operand: {e}"))
     };
-    let (a_res, b_res, out_res) = (resource(a_cuda), resource(b_cuda), resource(out_cuda));
-    let stream = out_res.resource().stream;
-    let ordinal = out_cuda.device.ordinal();
-    let operand = |t: &CubeTensor<CudaRuntime>, address: u64| {
+    let (a_buf, b_buf, out_buf) = (buffer(&a), buffer(&b), buffer(&out));
+    let operand = |t: &CubeTensor<R>, buffer: CudaBuffer| {
         let strides = t.meta.strides();
         Operand {
-            address,
+            address: buffer.address,
             row_stride: strides[1],
             batch_stride: strides[0],
         }
@@ -80,11 +69,12 @@ pub(crate) fn batched_matmul<R: CubeRuntime>(
         transpose_a,
         transpose_b,
         data_type,
-        a: operand(a_cuda, a_res.resource().ptr),
-        b: operand(b_cuda, b_res.resource().ptr),
-        out: out_res.resource().ptr,
+        a: operand(&a, a_buf),
+        b: operand(&b, b_buf),
+        out: out_buf.address,
     };
-    with_handle(ordinal, stream, |handle| product.queue(handle))
+    let stream = out_buf.stream as driver_sys::CUstream;
+    with_handle(out_buf.ordinal, stream, |handle| product.queue(handle))
         .unwrap_or_else(|e| panic!("cuBLAS batched product {product:?} failed: {e}"));
     Some(out)
 }

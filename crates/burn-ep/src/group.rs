@@ -146,7 +146,9 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
         &self.device
     }
 
-    /// The transport that moves this group's rows.
+    /// The transport that moves this group's rows, for callers that run the steps
+    /// themselves (the benchmark's breakdown). Machinery, not API.
+    #[doc(hidden)]
     pub fn exchange(&self) -> &SharedExchange {
         &self.exchange
     }

@@ -14,8 +14,9 @@ use ep_core::padding::uniform_group_rows;
 use ep_core::synthetic::SplitMix64;
 use ep_core::EpResult;
 
+use crate::steps::RouterScoring;
 use crate::zero_size::zeros_after;
-use crate::{EpGroup, ExpertParallelBackend, RouterScoring};
+use crate::{EpGroup, ExpertParallelBackend};
 
 /// The layer's shape and routing choices.
 #[derive(Config, Debug)]

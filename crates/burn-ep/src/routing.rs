@@ -38,7 +38,8 @@ impl<B: ExpertParallelBackend> Routing<B> {
     }
 
     /// The device side of the route (counts, slots, positions), for callers that run
-    /// the steps themselves (the benchmark's breakdown).
+    /// the steps themselves (the benchmark's breakdown). Machinery, not API.
+    #[doc(hidden)]
     pub fn plan(&self) -> &Plan<B> {
         &self.plan
     }
