@@ -12,6 +12,7 @@ use ep_mesh::Plane;
 use crate::cube::alloc;
 use crate::exchange::{ExchangeTag, SharedExchange};
 use crate::runtime::{CudaBuffer, EpRuntime};
+use burn_cubecl::CubeRuntime;
 
 /// Moves the planes of `send` (each `[S, cols]`, segments in rank order) through
 /// `exchange` in one exchange; returns the received planes (`[R, cols]` each, of
@@ -45,7 +46,7 @@ pub(crate) fn device_exchange<R: EpRuntime>(
 
 /// Fresh contiguous buffers `[rows, cols]` of each plane's columns and dtype;
 /// `None` for no rows (CUDA refuses zero-size buffers' launches).
-pub(crate) fn alloc_planes<R: EpRuntime>(
+pub(crate) fn alloc_planes<R: CubeRuntime>(
     device: &R::Device,
     planes: &[(usize, DType)],
     rows: usize,

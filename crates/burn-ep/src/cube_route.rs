@@ -11,6 +11,7 @@ use crate::runtime::EpRuntime;
 use burn::tensor::{DType, TensorMetadata};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use cubecl::Runtime;
 use ep_core::{EpError, EpResult};
 
@@ -163,7 +164,7 @@ pub(crate) fn record_exchange<R: EpRuntime>(
 
 /// The counts of a route going out; `local_placed` when the pack placed this
 /// rank's own rows.
-fn outgoing<R: EpRuntime>(plan: &CubePlan<R>, local_placed: bool) -> Counts<'_> {
+fn outgoing<R: CubeRuntime>(plan: &CubePlan<R>, local_placed: bool) -> Counts<'_> {
     Counts {
         send: &plan.send_counts,
         recv: &plan.recv_counts,
@@ -175,7 +176,7 @@ fn outgoing<R: EpRuntime>(plan: &CubePlan<R>, local_placed: bool) -> Counts<'_> 
 /// `None` where the transport moves them itself. A rank sends itself as many rows
 /// as it receives from itself, or the plan is not this rank's: refused before
 /// anything is written.
-fn own_rows<R: EpRuntime>(
+fn own_rows<R: CubeRuntime>(
     plan: &CubePlan<R>,
     exchange: &SharedExchange,
     tag: ExchangeTag,
