@@ -4,9 +4,11 @@
 
 mod common;
 
-#[path = "../examples/train_moe/model.rs"]
+#[path = "../examples/train_moe/grads.rs"]
+mod grads;
+#[path = "../examples/train_moe/mapping.rs"]
 #[allow(dead_code)]
-mod model;
+mod mapping;
 
 use burn::backend::Autodiff;
 use burn::module::Param;
@@ -16,7 +18,7 @@ use burn_ep::profiling::run_local;
 use burn_ep::{EpConfig, EpGroup, ExpertParallelBackend};
 use common::*;
 use ep_core::synthetic::SplitMix64;
-use model::{train, TrainConfig};
+use mapping::{train, TrainConfig};
 use rstest::rstest;
 
 type AdNdArray = Autodiff<NdArray>;

@@ -1,11 +1,22 @@
-//! The main job: trains a small MoE language model on a synthetic task with W
-//! simulated ranks (threads) in one process; experts are split over the ranks.
+//! The main job: trains a small transformer language model whose feed-forward
+//! layers are MoE layers, on text (by default the repository's own prose), with W
+//! ranks as threads of this process and the experts split over them.
 //!
 //!     cargo run --release --example train_moe -- --ranks 4 --backend ndarray --steps 300
+//!
+//! `--task mapping` trains the earlier synthetic task instead (the fixture of
+//! `tests/moe.rs`).
 
+mod checkpoint;
 #[path = "../common/cli.rs"]
 mod cli;
-mod model;
+mod grads;
+mod lm;
+mod lm_training;
+mod mapping;
+mod options;
+mod plot;
+mod text;
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -13,122 +24,21 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, RunOptions, Transport};
+use checkpoint::Manifest;
 use clap::error::ErrorKind;
-use clap::{CommandFactory, Parser, ValueEnum};
-use cli::{at_least_one, name_of, refuse_unbuilt, BackendName};
+use clap::{CommandFactory, Parser};
+use cli::{name_of, refuse_unbuilt, BackendName};
 use indicatif::{ProgressBar, ProgressStyle};
-use model::{train, TrainConfig};
+use lm_training::{train_text, TextRun};
+use mapping::{train, TrainConfig};
+use options::{Job, Options};
+use text::Corpus;
 
 /// CubeCL's backends without Burn's fusion (see `--backend`).
 #[cfg(feature = "wgpu")]
 type Wgpu = burn_cubecl::CubeBackend<cubecl::wgpu::WgpuRuntime, f32, i32, u32>;
 #[cfg(feature = "cuda")]
 type Cuda = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
-
-/// train_moe: train a small MoE model with expert parallelism.
-#[derive(Debug, Parser)]
-#[command(name = "train_moe", after_help = AFTER_HELP)]
-struct Options {
-    /// Simulated ranks (threads sharing the device)
-    #[arg(long, default_value_t = 4, value_parser = at_least_one)]
-    ranks: usize,
-    /// CubeCL's backends as they are, or under Burn's fusion (`*-fusion`, as Burn's
-    /// default features give them); cuda needs the `cuda` feature
-    #[arg(long, value_enum, default_value_t = BackendName::Ndarray)]
-    backend: BackendName,
-    /// Optimizer steps
-    #[arg(long, default_value_t = 300, value_parser = at_least_one)]
-    steps: usize,
-    /// Sequence-parallel size (pads the tokens per rank)
-    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
-    sp: usize,
-    /// local | cuda-peer (rows by device copies; --backend cuda) | nccl |
-    /// hierarchical (one GPU per rank; --backend cuda); by default cuda-peer on
-    /// cuda, local elsewhere
-    #[arg(long)]
-    transport: Option<Transport>,
-    /// The model and batch: small, or one whose MoE layers are GPU-sized (hidden
-    /// 1024, 64 experts of width 1408, top-6, 8192 tokens per step)
-    #[arg(long, value_enum, default_value_t = Size::Small)]
-    size: Size,
-    /// Overrides the size's hidden width
-    #[arg(long)]
-    hidden: Option<usize>,
-    /// Overrides the size's expert width
-    #[arg(long)]
-    ffn: Option<usize>,
-    /// Overrides the size's expert count
-    #[arg(long)]
-    experts: Option<usize>,
-    /// Overrides the size's experts per token
-    #[arg(long)]
-    top_k: Option<usize>,
-    /// Overrides the size's MoE layers
-    #[arg(long)]
-    layers: Option<usize>,
-    /// Overrides the size's tokens per step (all ranks)
-    #[arg(long)]
-    tokens: Option<usize>,
-    /// Overrides the size's vocabulary
-    #[arg(long)]
-    vocab: Option<usize>,
-    /// Compile every CUDA kernel again instead of loading what an earlier run of
-    /// this build compiled (kept under `target/kernel-cache/`)
-    #[arg(long)]
-    no_kernel_cache: bool,
-}
-
-const AFTER_HELP: &str = "Prints the loss, tokens per second and the model's TFLOP/s \
-(forward and backward products, per second of the whole run, compilation of the kernels \
-included). On a terminal the progress is a bar; elsewhere a line every tenth of the run.";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Size {
-    Small,
-    Gpu,
-}
-
-impl Options {
-    /// The transport given, or by default the one a backend's devices want: rows by
-    /// device copies on CUDA, through the host elsewhere.
-    fn transport(&self) -> Transport {
-        let default = if self.on_cuda() {
-            Transport::CudaPeer
-        } else {
-            Transport::Local
-        };
-        self.transport.unwrap_or(default)
-    }
-
-    /// Whether the backend is CUDA's, with or without fusion.
-    fn on_cuda(&self) -> bool {
-        matches!(self.backend, BackendName::Cuda | BackendName::CudaFusion)
-    }
-
-    /// The size's model and batch, with the figures given beside it.
-    fn train_config(&self) -> TrainConfig {
-        let mut config = match self.size {
-            Size::Small => TrainConfig::default(),
-            Size::Gpu => TrainConfig::gpu(),
-        };
-        let overrides = [
-            (self.hidden, &mut config.hidden),
-            (self.ffn, &mut config.ffn_hidden),
-            (self.experts, &mut config.num_experts),
-            (self.top_k, &mut config.top_k),
-            (self.layers, &mut config.layers),
-            (self.tokens, &mut config.global_tokens),
-            (self.vocab, &mut config.vocab),
-        ];
-        for (given, figure) in overrides {
-            if let Some(value) = given {
-                *figure = value;
-            }
-        }
-        config.sp_size = self.sp;
-        config
-    }
-}
 
 /// Rank 0's progress: a bar on a terminal, else a plain line every tenth of the run
 /// (and at the last step), so that logs stay readable.
@@ -139,7 +49,7 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(steps: usize) -> Self {
+    fn new(first: usize, steps: usize) -> Self {
         let bar = if std::io::stderr().is_terminal() {
             ProgressBar::new(steps as u64).with_style(
                 ProgressStyle::with_template("[{bar:30}] step {pos:>4}/{len}  {msg}")
@@ -149,11 +59,11 @@ impl Progress {
         } else {
             ProgressBar::hidden()
         };
+        bar.set_position(first as u64);
         Self { bar, steps }
     }
 
-    fn step(&self, step: usize, loss: f32, tokens_per_second: f64) {
-        let message = format!("loss {loss:.4}  {tokens_per_second:>8.0} tokens/s");
+    fn step(&self, step: usize, message: String) {
         if !self.bar.is_hidden() {
             self.bar.set_position(step as u64);
             self.bar.set_message(message);
@@ -167,19 +77,38 @@ impl Progress {
     }
 }
 
-fn run<B: AutodiffBackend + ExpertParallelBackend>(
-    config: &TrainConfig,
-    ranks: usize,
-    steps: usize,
-    transport: Transport,
-    device: fn(usize) -> B::Device,
-) {
-    let ep = EpConfig::new(ranks, config.num_experts, config.top_k, config.hidden)
-        .with_max_tokens_per_rank(config.global_tokens)
+/// The group's configuration for a job on `ranks` ranks.
+fn ep_config(job: &Job, ranks: usize, sp: usize) -> EpConfig {
+    let (experts, top_k, hidden, tokens) = match job {
+        Job::Mapping(c) => (c.num_experts, c.top_k, c.hidden, c.global_tokens),
+        Job::Text(run, _) => (
+            run.shape.num_experts,
+            run.shape.top_k,
+            run.shape.hidden,
+            run.tokens_per_step(),
+        ),
+    };
+    EpConfig::new(ranks, experts, top_k, hidden)
+        .with_max_tokens_per_rank(tokens)
         // One row count for every local expert: the MoE layer runs its experts
         // on the dispatched rows in place.
         .with_uniform_expert_rows(true)
-        .with_sp_size(config.sp_size);
+        .with_sp_size(sp)
+}
+
+/// Ends the program with rank 0's error.
+fn fail(error: impl std::fmt::Display) -> ! {
+    eprintln!("train_moe: rank 0 failed: {error}");
+    std::process::exit(1);
+}
+
+fn run<B: AutodiffBackend + ExpertParallelBackend>(
+    job: &Job,
+    o: &Options,
+    device: fn(usize) -> B::Device,
+) {
+    let (ranks, transport) = (o.ranks, o.transport());
+    let ep = ep_config(job, ranks, o.sp);
     let start = Instant::now();
     // The transports' finer options (ranks per simulated node, the route inside a
     // process, NCCL's loopback) come from the environment, which this program
@@ -187,11 +116,122 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
     let options = RunOptions::from_env()
         .unwrap_or_else(|e| panic!("{e}"))
         .with_timeout(Duration::from_secs(300));
-    let progress = Progress::new(steps);
+    match job {
+        Job::Mapping(config) => {
+            run_mapping::<B>(config, o.steps(), &ep, transport, &options, device)
+        }
+        Job::Text(text_run, corpus) => {
+            let first = match &text_run.resume {
+                Some(dir) => Manifest::read(dir).map_or(0, |m| m.step),
+                None => 0,
+            };
+            let tokens = text_run.tokens_per_step();
+            let progress = Progress::new(first, text_run.steps);
+            let results = run_ranks(
+                transport,
+                &options,
+                &ep,
+                |_, ordinal| device(ordinal),
+                |group: EpGroup<B>| {
+                    let rank = group.rank();
+                    Ok(train_text(text_run, corpus, &group, |s| {
+                        if rank == 0 {
+                            let rate =
+                                ((s.step - first) * tokens) as f64 / start.elapsed().as_secs_f64();
+                            let held_out = s
+                                .held_out
+                                .map_or_else(String::new, |l| format!("  held-out {l:.4}"));
+                            progress.step(
+                                s.step,
+                                format!("loss {:.4}{held_out}  {rate:>8.0} tokens/s", s.loss),
+                            );
+                        }
+                    }))
+                },
+            );
+            progress.finish();
+            let outcome = match results.and_then(|r| r.into_iter().next().unwrap()) {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(e)) => fail(e),
+                Err(e) => fail(e),
+            };
+            report_text(
+                text_run,
+                corpus,
+                &outcome,
+                first,
+                start.elapsed().as_secs_f64(),
+                ranks,
+            );
+        }
+    }
+}
+
+/// What rank 0 prints at the end of a text run.
+fn report_text(
+    run: &TextRun,
+    corpus: &Corpus,
+    outcome: &lm_training::TextOutcome,
+    first: usize,
+    seconds: f64,
+    ranks: usize,
+) {
+    let steps = &outcome.steps;
+    let (Some(head), Some(last)) = (steps.first(), steps.last()) else {
+        return;
+    };
+    let held_out = last
+        .held_out
+        .map_or_else(String::new, |l| format!(", held-out {l:.4}"));
+    println!(
+        "trained steps {}..{} on {ranks} ranks in {seconds:.1}s: loss {:.4} -> {:.4}{held_out} (unigram baseline {:.4})",
+        first + 1,
+        last.step,
+        head.loss,
+        last.loss,
+        corpus.unigram_loss()
+    );
+    let tokens = (steps.len() * run.tokens_per_step()) as f64;
+    let flops = 3.0 * run.shape.token_flops() as f64 * tokens;
+    println!(
+        "{:.0} tokens/s, {:.3} TFLOP/s (the model's products forward and backward, {:.1} GFLOP a step over all ranks)",
+        tokens / seconds,
+        flops / seconds / 1e12,
+        flops / steps.len() as f64 / 1e9
+    );
+    if let Some(dir) = &run.save {
+        println!(
+            "saved to {} (loss curve: {})",
+            dir.display(),
+            dir.join("loss.svg").display()
+        );
+    }
+    println!("expert loads at the last step (token-expert pairs per expert, whole group):");
+    let local = run.shape.num_experts / ranks;
+    for (layer, loads) in last.loads.iter().enumerate() {
+        let per_rank: Vec<usize> = loads.chunks(local).map(|c| c.iter().sum()).collect();
+        println!("  block {layer}: per expert {loads:?}, per rank {per_rank:?}");
+    }
+    if let Some(sample) = &outcome.sample {
+        println!("sample (temperature 0.8):\n{sample}");
+    }
+}
+
+fn run_mapping<B: AutodiffBackend + ExpertParallelBackend>(
+    config: &TrainConfig,
+    steps: usize,
+    ep: &EpConfig,
+    transport: Transport,
+    options: &RunOptions,
+    device: fn(usize) -> B::Device,
+) {
+    let ranks = ep.world_size;
+    let start = Instant::now();
+    let progress = Progress::new(0, steps);
     let results = run_ranks(
         transport,
-        &options,
-        &ep,
+        options,
+        ep,
         |_, ordinal| device(ordinal),
         |group: EpGroup<B>| {
             let rank = group.rank();
@@ -199,7 +239,10 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
                 if rank == 0 {
                     let seen = (r.step + 1) * config.global_tokens;
                     let rate = seen as f64 / start.elapsed().as_secs_f64();
-                    progress.step(r.step + 1, r.loss, rate);
+                    progress.step(
+                        r.step + 1,
+                        format!("loss {:.4}  {rate:>8.0} tokens/s", r.loss),
+                    );
                 }
             })
         },
@@ -207,10 +250,7 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
     progress.finish();
     let history = match results.and_then(|r| r.into_iter().next().unwrap()) {
         Ok(h) => h,
-        Err(e) => {
-            eprintln!("train_moe: rank 0 failed: {e}");
-            std::process::exit(1);
-        }
+        Err(e) => fail(e),
     };
     let (first, last) = (&history[0], history.last().unwrap());
     let seconds = start.elapsed().as_secs_f64();
@@ -268,63 +308,52 @@ fn kernel_cache_of_this_build(root: &std::path::Path) -> Option<std::path::PathB
 fn main() {
     let o = Options::parse();
     refuse_unbuilt::<Options>(o.backend);
+    let job = o.job().unwrap_or_else(|message| {
+        Options::command()
+            .error(ErrorKind::ValueValidation, message)
+            .exit()
+    });
     // NVRTC's compilation is what the cache saves; the CPU compiles no kernels.
     if o.on_cuda() && !o.no_kernel_cache {
         keep_compiled_kernels();
     }
-    let config = o.train_config();
-    let (ranks, steps) = (o.ranks, o.steps);
-    let transport = o.transport();
-    if config.num_experts % ranks != 0 || config.global_tokens % ranks != 0 {
-        Options::command()
-            .error(
-                ErrorKind::ValueValidation,
-                format!(
-                    "--ranks {ranks} must divide {} experts and {} tokens",
-                    config.num_experts, config.global_tokens
-                ),
-            )
-            .exit();
+    let (ranks, transport, backend) = (o.ranks, o.transport(), name_of(o.backend));
+    match &job {
+        Job::Mapping(config) => println!(
+            "train_moe --task mapping: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {backend}, {transport} transport",
+            config.layers, config.num_experts, config.top_k, config.hidden, config.global_tokens,
+        ),
+        Job::Text(run, corpus) => {
+            let s = &run.shape;
+            let shared = if s.shared_expert { " and a shared expert" } else { "" };
+            println!(
+                "train_moe: a transformer of {} blocks (hidden {}, {} heads, {} experts of width {}, top-{}{shared}), {} tokens per step in sequences of {}, {ranks} ranks on {backend}, {transport} transport",
+                s.layers, s.hidden, s.heads, s.num_experts, s.ffn_hidden, s.top_k, run.tokens_per_step(), s.sequence,
+            );
+            println!(
+                "text: {} bytes to train on, {} held out; the unigram baseline (bytes' frequencies alone) is {:.4} nats per byte",
+                corpus.train.len(),
+                corpus.held_out.len(),
+                corpus.unigram_loss()
+            );
+        }
     }
-    println!(
-        "train_moe: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {}, {transport} transport",
-        config.layers,
-        config.num_experts,
-        config.top_k,
-        config.hidden,
-        config.global_tokens,
-        name_of(o.backend)
-    );
     match o.backend {
         BackendName::Ndarray => {
-            run::<Autodiff<burn::backend::NdArray<f32>>>(&config, ranks, steps, transport, |_| {
-                Default::default()
-            })
+            run::<Autodiff<burn::backend::NdArray<f32>>>(&job, &o, |_| Default::default())
         }
         #[cfg(feature = "wgpu")]
-        BackendName::Wgpu => {
-            run::<Autodiff<Wgpu>>(&config, ranks, steps, transport, |_| Default::default())
-        }
+        BackendName::Wgpu => run::<Autodiff<Wgpu>>(&job, &o, |_| Default::default()),
         #[cfg(all(feature = "wgpu", feature = "fusion"))]
         BackendName::WgpuFusion => {
-            run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&config, ranks, steps, transport, |_| {
-                Default::default()
-            })
+            run::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&job, &o, |_| Default::default())
         }
         #[cfg(feature = "cuda")]
-        BackendName::Cuda => run::<Autodiff<Cuda>>(
-            &config,
-            ranks,
-            steps,
-            transport,
-            burn::backend::cuda::CudaDevice::new,
-        ),
+        BackendName::Cuda => run::<Autodiff<Cuda>>(&job, &o, burn::backend::cuda::CudaDevice::new),
         #[cfg(all(feature = "cuda", feature = "fusion"))]
         BackendName::CudaFusion => run::<Autodiff<burn::backend::Cuda<f32, i32>>>(
-            &config,
-            ranks,
-            steps,
-            transport,
+            &job,
+            &o,
             burn::backend::cuda::CudaDevice::new,
         ),
         // Every backend is built in where every feature is on.
@@ -336,24 +365,6 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn figures_override_the_size_wherever_they_stand() {
-        let gpu = TrainConfig::gpu();
-        for args in [
-            ["train_moe", "--size", "gpu", "--hidden", "64"],
-            ["train_moe", "--hidden", "64", "--size", "gpu"],
-        ] {
-            let config = Options::try_parse_from(args).unwrap().train_config();
-            assert_eq!(config.hidden, 64);
-            assert_eq!(config.num_experts, gpu.num_experts);
-            assert_eq!(config.global_tokens, gpu.global_tokens);
-        }
-        let small = Options::try_parse_from(["train_moe"])
-            .unwrap()
-            .train_config();
-        assert_eq!(small.hidden, TrainConfig::default().hidden);
-    }
 
     /// The cache folder is this build's: the same for every run of one binary, under
     /// `kernel-cache`, named by a hash of the binary.
@@ -371,42 +382,5 @@ mod tests {
             hash.len() == 16 && hash.chars().all(|c| c.is_ascii_hexdigit()),
             "{name}"
         );
-    }
-
-    #[test]
-    fn the_transport_follows_the_backend_unless_given() {
-        let transport = |args: &[&str]| Options::try_parse_from(args).unwrap().transport();
-        assert_eq!(transport(&["train_moe"]), Transport::Local);
-        assert_eq!(
-            transport(&["train_moe", "--backend", "cuda"]),
-            Transport::CudaPeer
-        );
-        assert_eq!(
-            transport(&["train_moe", "--backend", "cuda", "--transport", "local"]),
-            Transport::Local
-        );
-        assert_eq!(
-            transport(&["train_moe", "--backend", "wgpu"]),
-            Transport::Local
-        );
-    }
-
-    #[test]
-    fn a_bad_value_is_refused_and_named() {
-        for (flag, value) in [
-            ("--size", "huge"),
-            ("--backend", "tpu"),
-            ("--transport", "infiniband"),
-            ("--steps", "0"),
-            ("--hidden", "wide"),
-        ] {
-            let message = Options::try_parse_from(["train_moe", flag, value])
-                .unwrap_err()
-                .to_string();
-            assert!(
-                message.contains(value) && message.contains(flag),
-                "{message}"
-            );
-        }
     }
 }

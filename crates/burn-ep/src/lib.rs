@@ -56,6 +56,8 @@ mod book {
     mod kernels {}
     #[doc = include_str!("../../../book/src/moe_model.md")]
     mod moe_model {}
+    #[doc = include_str!("../../../book/src/language_model.md")]
+    mod language_model {}
     #[doc = include_str!("../../../book/src/training.md")]
     mod training {}
     #[doc = include_str!("../../../book/src/benchmarks.md")]

@@ -1,9 +1,9 @@
-//! The model and training loop of `train_moe`, shared with its tests: a small
-//! language model (embedding → blocks with an MoE layer → head) learning a synthetic
-//! task, with expert parallelism over the ranks of an `EpGroup` and data
+//! `train_moe --task mapping`, and the fixture of `tests/moe.rs`: a small model
+//! (embedding → blocks with an MoE layer → head) learning a synthetic token
+//! mapping, with expert parallelism over the ranks of an `EpGroup` and data
 //! parallelism for everything else.
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SgdConfig};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::backend::{AutodiffBackend, Backend};
@@ -11,6 +11,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_ep::moe::{MoeConfig, MoeLayer};
 use burn_ep::{EpGroup, EpResult, ExpertParallelBackend};
 use ep_core::synthetic::SplitMix64;
+
+use crate::grads::sum_over_group;
 
 /// Everything that fixes a run.
 #[derive(Debug, Clone)]
@@ -163,7 +165,9 @@ impl<B: ExpertParallelBackend> MoeLm<B> {
         })
     }
 
-    fn rank_only_params(&self) -> Vec<ParamId> {
+    /// The parameters each rank holds for itself: its experts, and the routers'
+    /// balancing biases (moved from the loads, not by gradients).
+    pub fn rank_only_params(&self) -> Vec<ParamId> {
         self.blocks
             .iter()
             .flat_map(|b| {
@@ -179,97 +183,6 @@ impl<B: ExpertParallelBackend> MoeLm<B> {
 pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     let picked = log_softmax(logits, 1).gather(1, targets.unsqueeze_dim(1));
     picked.mean().neg()
-}
-
-/// Takes the gradient of every parameter shared by all ranks (the experts'
-/// parameters stay local) out of `grads`, flattened, in the modules' visiting order.
-struct TakeSharedGrads<'a, B: AutodiffBackend> {
-    grads: &'a mut GradientsParams,
-    skip: Vec<ParamId>,
-    taken: Vec<Tensor<B::InnerBackend, 1>>,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for TakeSharedGrads<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.skip.contains(&param.id) {
-            return;
-        }
-        let value = param.val();
-        let (shape, device) = (value.dims(), value.device());
-        // A missing gradient is a zero one, so every rank takes part in every sum.
-        let grad: Tensor<B::InnerBackend, D> = self
-            .grads
-            .remove(param.id)
-            .unwrap_or_else(|| Tensor::zeros(shape, &device));
-        self.taken
-            .push(grad.reshape([shape.iter().product::<usize>()]));
-    }
-}
-
-/// Puts the summed gradients back, in the order [`TakeSharedGrads`] took them.
-struct PutSharedGrads<'a, B: AutodiffBackend> {
-    grads: &'a mut GradientsParams,
-    skip: Vec<ParamId>,
-    /// Every shared gradient, one after another.
-    summed: &'a [f32],
-    device: B::Device,
-}
-
-impl<B: AutodiffBackend> ModuleVisitor<B> for PutSharedGrads<'_, B> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if self.skip.contains(&param.id) {
-            return;
-        }
-        let shape = param.val().dims();
-        let (mine, rest) = self.summed.split_at(shape.iter().product());
-        self.summed = rest;
-        let grad = TensorData::new(mine.to_vec(), shape);
-        self.grads
-            .register::<B::InnerBackend, D>(param.id, Tensor::from_data(grad, &self.device));
-    }
-}
-
-/// One all-reduce for the step: the loss, every shared gradient and the expert
-/// loads travel in one message, read from the device in one host read. Replaces
-/// the shared gradients in `grads` with their sums; returns the summed loss and
-/// loads.
-fn sum_over_group<B: AutodiffBackend + ExpertParallelBackend>(
-    model: &MoeLm<B>,
-    grads: &mut GradientsParams,
-    loss: Tensor<B::InnerBackend, 1>,
-    loads: &[Vec<usize>],
-    group: &EpGroup<B>,
-) -> EpResult<(f32, Vec<Vec<usize>>)> {
-    let skip = model.rank_only_params();
-    let mut take = TakeSharedGrads::<B> {
-        grads,
-        skip: skip.clone(),
-        taken: vec![loss],
-    };
-    model.visit(&mut take);
-    let on_device = Tensor::cat(take.taken, 0);
-    let mut values: Vec<f32> = on_device.into_data().convert::<f32>().to_vec().unwrap();
-    values.extend(loads.iter().flatten().map(|&l| l as f32));
-    let summed = group.all_reduce_sum(values)?;
-    let load_values = loads.iter().map(Vec::len).sum::<usize>();
-    let (tensors, summed_loads) = summed.split_at(summed.len() - load_values);
-    let mut put = PutSharedGrads::<B> {
-        grads,
-        skip,
-        summed: &tensors[1..],
-        device: group.device().clone(),
-    };
-    model.visit(&mut put);
-    let mut rest = summed_loads;
-    let loads = loads
-        .iter()
-        .map(|layer| {
-            let (mine, after) = rest.split_at(layer.len());
-            rest = after;
-            mine.iter().map(|&v| v as usize).collect()
-        })
-        .collect();
-    Ok((tensors[0], loads))
 }
 
 /// What one optimizer step reports (the same on every rank).
@@ -318,7 +231,9 @@ where
         // over the ranks by construction, shared ones through the all-reduce.
         let grads = (loss / world as f64).backward();
         let mut grads = GradientsParams::from_grads(grads, &model);
-        let (loss_sum, global_loads) = sum_over_group(&model, &mut grads, ce_value, &loads, group)?;
+        let skip = model.rank_only_params();
+        let (loss_sum, global_loads) =
+            sum_over_group(&model, skip, &mut grads, ce_value, &loads, group)?;
         let global_loss = loss_sum / world as f32;
         model = if config.sgd {
             sgd.step(config.learning_rate, model, grads)
