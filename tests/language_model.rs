@@ -29,7 +29,7 @@ use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, Tensor, TensorData};
-use burn_ep::{EpConfig, ExpertParallelBackend};
+use burn_ep::ExpertParallelBackend;
 use common::*;
 use lm::{LmShape, MoeTransformer};
 use lm_training::{train_text, RunError, TextOutcome, TextRun};
@@ -68,20 +68,13 @@ fn corpus() -> Corpus {
     Corpus::read(&default_sources(), 32).unwrap()
 }
 
-fn ep_config(run: &TextRun, ranks: usize) -> EpConfig {
-    let s = &run.shape;
-    EpConfig::new(ranks, s.num_experts, s.top_k, s.hidden)
-        .with_max_tokens_per_rank(run.tokens_per_step())
-        .with_uniform_expert_rows(true)
-}
-
 /// Every rank's outcome of `run` on `ranks` ranks sharing the default device.
 fn train_on<B: AutodiffBackend + ExpertParallelBackend>(
     run: &TextRun,
     corpus: &Corpus,
     ranks: usize,
 ) -> Vec<Result<TextOutcome, RunError>> {
-    run_group::<B, _, _>(&ep_config(run, ranks), &Default::default(), |group| {
+    run_group::<B, _, _>(&run.ep_config(ranks), &Default::default(), |group| {
         Ok(train_text(run, corpus, group, |_| {}))
     })
     .into_iter()
@@ -281,7 +274,7 @@ fn lm_ranks_train_like_one_rank(#[case] which: Which, #[case] ranks: usize) {
 /// A fresh one-rank model's logits for one sequence of `bytes`.
 fn logits_of<B: AutodiffBackend + ExpertParallelBackend>(run: &TextRun, bytes: &[i64]) -> Vec<f32> {
     let length = bytes.len();
-    run_group::<B, _, _>(&ep_config(run, 1), &Default::default(), |group| {
+    run_group::<B, _, _>(&run.ep_config(1), &Default::default(), |group| {
         let device = group.device().clone();
         let model = MoeTransformer::<B>::init(&run.shape, run.seed, 0, 1, &device);
         let tokens =
@@ -354,7 +347,7 @@ impl ModuleVisitor<AdNdArray> for GradientsSeen<'_> {
 fn lm_every_weight_is_trained() {
     type B = AdNdArray;
     let run = tiny(1);
-    let seen = run_group::<B, _, _>(&ep_config(&run, 1), &Default::default(), |group| {
+    let seen = run_group::<B, _, _>(&run.ep_config(1), &Default::default(), |group| {
         let device = *group.device();
         let model = MoeTransformer::<B>::init(&run.shape, run.seed, 0, 1, &device);
         let (inputs, targets) = sequences(&corpus().train, 32, 4, 1);

@@ -22,6 +22,7 @@ use burn::tensor::backend::Backend;
 use burn_ep::moe::{GroupedExperts, Router};
 
 use crate::lm::{Block, MoeTransformer, SwiGlu};
+use crate::plot::loss_svg;
 
 /// Full precision: a resumed run continues bit for bit.
 type Files = NamedMpkFileRecorder<FullPrecisionSettings>;
@@ -290,10 +291,12 @@ where
     Ok((load_weights(model, shared, experts)?, optimizer))
 }
 
-/// The loss curve: `(step, training loss, held-out loss if measured)` a line each.
+/// The loss curve: `(step, training loss, held-out loss if measured)` a line each in
+/// `losses.tsv`, and as a picture with the `baseline` loss in `loss.svg`.
 pub fn write_losses(
     dir: &Path,
     losses: &[(usize, f32, Option<f32>)],
+    baseline: f64,
 ) -> Result<(), CheckpointError> {
     let mut text = String::from("step\ttrain\theld_out\n");
     for (step, train, held_out) in losses {
@@ -301,7 +304,10 @@ pub fn write_losses(
         text.push_str(&format!("{step}\t{train}\t{held_out}\n"));
     }
     let path = dir.join("losses.tsv");
-    std::fs::write(&path, text).map_err(|e| CheckpointError::io(&path, e))
+    std::fs::write(&path, text).map_err(|e| CheckpointError::io(&path, e))?;
+    let picture = dir.join("loss.svg");
+    std::fs::write(&picture, loss_svg(losses, baseline))
+        .map_err(|e| CheckpointError::io(&picture, e))
 }
 
 /// What [`write_losses`] wrote; none where the folder has no curve.

@@ -12,13 +12,12 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SgdConfig, SimpleOpti
 use burn::record::Record;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use burn_ep::{EpError, EpGroup, EpResult, ExpertParallelBackend};
+use burn_ep::{EpConfig, EpError, EpGroup, EpResult, ExpertParallelBackend};
 use ep_core::synthetic::SplitMix64;
 
 use crate::checkpoint::{self, CheckpointError, Manifest};
 use crate::grads::sum_over_group;
 use crate::lm::{LmOutput, LmShape, MoeTransformer};
-use crate::plot::loss_svg;
 use crate::text::{rank_share, sequences, Corpus, VOCAB};
 
 /// Everything that fixes a run on text.
@@ -46,6 +45,16 @@ pub struct TextRun {
 impl TextRun {
     pub fn tokens_per_step(&self) -> usize {
         self.sequences * self.shape.sequence
+    }
+
+    /// The configuration of the group this run trains on with `ranks` ranks: room
+    /// for a step's tokens, one row count for every local expert (the MoE layer then
+    /// runs its experts on the dispatched rows in place).
+    pub fn ep_config(&self, ranks: usize) -> EpConfig {
+        let s = &self.shape;
+        EpConfig::new(ranks, s.num_experts, s.top_k, s.hidden)
+            .with_max_tokens_per_rank(self.tokens_per_step())
+            .with_uniform_expert_rows(true)
     }
 
     /// What a checkpoint of this run records at `step`.
@@ -262,14 +271,7 @@ where
     };
     losses.retain(|l| l.0 <= first);
     losses.extend(steps.iter().map(|s| (s.step, s.loss, s.held_out)));
-    checkpoint::write_losses(dir, &losses)?;
-    let picture = dir.join("loss.svg");
-    std::fs::write(&picture, loss_svg(&losses, corpus.unigram_loss())).map_err(|e| {
-        CheckpointError::Io {
-            path: picture,
-            reason: e.to_string(),
-        }
-    })?;
+    checkpoint::write_losses(dir, &losses, corpus.unigram_loss())?;
     run.manifest(first + steps.len(), world).write(dir)?;
     Ok(())
 }

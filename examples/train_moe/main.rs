@@ -24,7 +24,6 @@ use std::time::{Duration, Instant};
 use burn::backend::Autodiff;
 use burn::tensor::backend::AutodiffBackend;
 use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, RunOptions, Transport};
-use checkpoint::Manifest;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser};
 use cli::{name_of, refuse_unbuilt, BackendName};
@@ -79,21 +78,15 @@ impl Progress {
 
 /// The group's configuration for a job on `ranks` ranks.
 fn ep_config(job: &Job, ranks: usize, sp: usize) -> EpConfig {
-    let (experts, top_k, hidden, tokens) = match job {
-        Job::Mapping(c) => (c.num_experts, c.top_k, c.hidden, c.global_tokens),
-        Job::Text(run, _) => (
-            run.shape.num_experts,
-            run.shape.top_k,
-            run.shape.hidden,
-            run.tokens_per_step(),
-        ),
+    let config = match job {
+        Job::Mapping(c) => EpConfig::new(ranks, c.num_experts, c.top_k, c.hidden)
+            .with_max_tokens_per_rank(c.global_tokens)
+            // One row count for every local expert: the MoE layer runs its experts
+            // on the dispatched rows in place.
+            .with_uniform_expert_rows(true),
+        Job::Text { run, .. } => run.ep_config(ranks),
     };
-    EpConfig::new(ranks, experts, top_k, hidden)
-        .with_max_tokens_per_rank(tokens)
-        // One row count for every local expert: the MoE layer runs its experts
-        // on the dispatched rows in place.
-        .with_uniform_expert_rows(true)
-        .with_sp_size(sp)
+    config.with_sp_size(sp)
 }
 
 /// Ends the program with rank 0's error.
@@ -120,11 +113,12 @@ fn run<B: AutodiffBackend + ExpertParallelBackend>(
         Job::Mapping(config) => {
             run_mapping::<B>(config, o.steps(), &ep, transport, &options, device)
         }
-        Job::Text(text_run, corpus) => {
-            let first = match &text_run.resume {
-                Some(dir) => Manifest::read(dir).map_or(0, |m| m.step),
-                None => 0,
-            };
+        Job::Text {
+            run: text_run,
+            corpus,
+            first,
+        } => {
+            let first = *first;
             let tokens = text_run.tokens_per_step();
             let progress = Progress::new(first, text_run.steps);
             let results = run_ranks(
@@ -323,7 +317,7 @@ fn main() {
             "train_moe --task mapping: {} layers, {} experts (top-{}), hidden {}, {} tokens per step, {ranks} ranks on {backend}, {transport} transport",
             config.layers, config.num_experts, config.top_k, config.hidden, config.global_tokens,
         ),
-        Job::Text(run, corpus) => {
+        Job::Text { run, corpus, .. } => {
             let s = &run.shape;
             let shared = if s.shared_expert { " and a shared expert" } else { "" };
             println!(

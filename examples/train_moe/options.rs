@@ -127,7 +127,21 @@ pub enum Size {
 /// What the command line asks for, checked.
 pub enum Job {
     Mapping(TrainConfig),
-    Text(TextRun, Corpus),
+    Text {
+        run: TextRun,
+        corpus: Corpus,
+        /// The step the run starts from: its checkpoint's, or 0.
+        first: usize,
+    },
+}
+
+/// Each figure given on the command line in place of the size's.
+fn take_given<'a>(overrides: impl IntoIterator<Item = (Option<usize>, &'a mut usize)>) {
+    for (given, figure) in overrides {
+        if let Some(value) = given {
+            *figure = value;
+        }
+    }
 }
 
 impl Options {
@@ -171,11 +185,7 @@ impl Options {
             (self.tokens, &mut config.global_tokens),
             (self.vocab, &mut config.vocab),
         ];
-        for (given, figure) in overrides {
-            if let Some(value) = given {
-                *figure = value;
-            }
-        }
+        take_given(overrides);
         if let Some(lr) = self.lr {
             config.learning_rate = lr;
         }
@@ -226,11 +236,7 @@ impl Options {
             (self.heads, &mut shape.heads),
             (self.tokens, &mut tokens),
         ];
-        for (given, figure) in overrides {
-            if let Some(value) = given {
-                *figure = value;
-            }
-        }
+        take_given(overrides);
         shape.shared_expert &= !self.no_shared_expert;
         if let Some(lr) = self.lr {
             learning_rate = lr;
@@ -308,6 +314,7 @@ impl Options {
                         shape.sequence * ranks
                     ));
                 }
+                let mut first = 0;
                 if let Some(dir) = &run.resume {
                     let saved = Manifest::read(dir).map_err(|e| e.to_string())?;
                     saved
@@ -321,13 +328,14 @@ impl Options {
                             run.steps
                         ));
                     }
+                    first = saved.step;
                 }
                 let sources = match &self.text {
                     Some(path) => vec![path.clone()],
                     None => text::default_sources(),
                 };
                 let corpus = Corpus::read(&sources, shape.sequence).map_err(|e| e.to_string())?;
-                Ok(Job::Text(run, corpus))
+                Ok(Job::Text { run, corpus, first })
             }
         }
     }

@@ -6,13 +6,13 @@
 use burn::tensor::DType;
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::CubeRuntime;
 use ep_core::{EpError, EpResult};
 use ep_mesh::Plane;
 
 use crate::cube::alloc;
 use crate::exchange::{ExchangeTag, SharedExchange};
 use crate::runtime::{CudaBuffer, EpRuntime};
-use burn_cubecl::CubeRuntime;
 
 /// Moves the planes of `send` (each `[S, cols]`, segments in rank order) through
 /// `exchange` in one exchange; returns the received planes (`[R, cols]` each, of
