@@ -5,6 +5,7 @@
 mod common;
 
 use burn::tensor::{DType, Tensor, TensorData};
+use burn_ep::steps::EpCompute;
 use burn_ep::ExpertParallelBackend;
 use common::*;
 use ep_core::reference::{self, RankBatch};

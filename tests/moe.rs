@@ -14,8 +14,7 @@ use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use burn_ep::moe::MoeConfig;
-use burn_ep::profiling::run_local;
-use burn_ep::{EpConfig, EpGroup, ExpertParallelBackend};
+use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
 use common::*;
 use ep_core::synthetic::SplitMix64;
 use mapping::{train, TrainConfig};
@@ -32,10 +31,14 @@ fn losses<B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend>(
     let ep = EpConfig::new(ranks, config.num_experts, config.top_k, config.hidden)
         .with_max_tokens_per_rank(config.global_tokens)
         .with_sp_size(config.sp_size);
-    let results = run_local(ranks, TIMEOUT, |comm| {
-        let group = EpGroup::<B>::new(ep.clone(), comm, device.clone())?;
-        train(config, &group, steps, |_| {})
-    });
+    let results = run_ranks(
+        Transport::Local,
+        &options(),
+        &ep,
+        |_, _| device.clone(),
+        |group: EpGroup<B>| train(config, &group, steps, |_| {}),
+    )
+    .unwrap();
     let histories: Vec<Vec<f32>> = results
         .into_iter()
         .map(|r| r.unwrap().iter().map(|s| s.loss).collect())
@@ -125,16 +128,22 @@ fn sp_output<B: ExpertParallelBackend>(
     let ep = EpConfig::new(2, 4, 2, 8)
         .with_sp_size(sp)
         .with_expert_alignment(4);
-    run_local(2, TIMEOUT, |comm| {
-        let group = EpGroup::<B>::new(ep.clone(), comm, device.clone())?;
-        let layer = moe.init::<B>(group.rank(), 2, 3, &device);
-        let mut rng = SplitMix64::new(50 + group.rank() as u64);
-        let x: Vec<f32> = (0..tokens * 8).map(|_| rng.next_f32() - 0.5).collect();
-        let x = Tensor::<B, 2>::from_data(TensorData::new(x, [tokens, 8]), &device);
-        let out = layer.forward(x, &group)?.out;
-        assert_eq!(out.dims(), [tokens, 8]);
-        Ok(host(out))
-    })
+    run_ranks(
+        Transport::Local,
+        &options(),
+        &ep,
+        |_, _| device.clone(),
+        |group: EpGroup<B>| {
+            let layer = moe.init::<B>(group.rank(), 2, 3, &device);
+            let mut rng = SplitMix64::new(50 + group.rank() as u64);
+            let x: Vec<f32> = (0..tokens * 8).map(|_| rng.next_f32() - 0.5).collect();
+            let x = Tensor::<B, 2>::from_data(TensorData::new(x, [tokens, 8]), &device);
+            let out = layer.forward(x, &group)?.out;
+            assert_eq!(out.dims(), [tokens, 8]);
+            Ok(host(out))
+        },
+    )
+    .unwrap()
     .into_iter()
     .map(|r| r.unwrap())
     .collect()

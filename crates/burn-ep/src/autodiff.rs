@@ -1,4 +1,4 @@
-//! `ExpertParallelBackend` for `Autodiff<B>`: dispatch, cached dispatch and combine
+//! `EpCompute` and `EpCommunication` for `Autodiff<B>`: dispatch, cached dispatch and combine
 //! are differentiable through two adjoint pairs, replaying the routing plan:
 //!
 //! - dispatch ↔ combine: the backward of a dispatch is an unweighted combine of the
@@ -34,8 +34,8 @@ use burn::tensor::{DType, Int, Shape, Tensor, TensorMetadata};
 use ep_core::{EpConfig, EpError, EpResult};
 
 use crate::backend::{
-    zeros_of, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows,
-    RecordedRoute, RouterScoring,
+    zeros_of, EpCommunication, EpCompute, ExpertParallelBackend, LayoutOutput, PackMeta, Packed,
+    Plan, RecordRows, RecordedRoute, RouterScoring,
 };
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 use crate::order::PendingToken;
@@ -54,7 +54,7 @@ macro_rules! register {
     }};
 }
 
-impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for Autodiff<B, C> {
+impl<B: ExpertParallelBackend, C: CheckpointStrategy> EpCompute for Autodiff<B, C> {
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
         let out = B::ep_layout(topk_idx, config)?;
         Ok(LayoutOutput {
@@ -270,6 +270,25 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         (grad_y.map(Self::from_inner), grad_w.map(Self::from_inner))
     }
 
+    fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
+        let out = B::ep_zeros_after(parent.primitive.clone(), shape);
+        let state = (
+            parent.shape(),
+            B::float_device(&parent.primitive),
+            parent.dtype(),
+        );
+        match ZerosAfterBackward
+            .prepare::<C>([parent.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => prep.finish(state, out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+impl<B: ExpertParallelBackend, C: CheckpointStrategy> EpCommunication for Autodiff<B, C> {
     fn ep_exchange(
         tag: ExchangeTag,
         rows: Option<FloatTensor<Self>>,
@@ -400,23 +419,6 @@ impl<B: ExpertParallelBackend, C: CheckpointStrategy> ExpertParallelBackend for 
         let ids = ids
             .unwrap_or_else(|| Tensor::<B, 2, Int>::empty([0, k], &plan.device).into_primitive());
         Ok((rows, Some((received_weights, ids))))
-    }
-
-    fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
-        let out = B::ep_zeros_after(parent.primitive.clone(), shape);
-        let state = (
-            parent.shape(),
-            B::float_device(&parent.primitive),
-            parent.dtype(),
-        );
-        match ZerosAfterBackward
-            .prepare::<C>([parent.node.clone()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => prep.finish(state, out),
-            OpsKind::UnTracked(prep) => prep.finish(out),
-        }
     }
 
     fn ep_combine_rows(

@@ -40,7 +40,7 @@ pub enum DispatchLayout {
 }
 
 /// How the router turns its logits into scores and weights
-/// ([`ExpertParallelBackend::ep_router`]).
+/// ([`EpCompute::ep_router`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RouterScoring {
     /// Sigmoid scores (DeepSeek-V3) instead of a softmax over the experts.
@@ -170,8 +170,23 @@ pub struct PackMeta<B: Backend> {
     pub experts_per_rank: usize,
 }
 
-/// Backends that can run the steps of dispatch and combine.
-pub trait ExpertParallelBackend: Backend {
+/// Backends that can run dispatch and combine: the compute steps
+/// ([`EpCompute`]) and the way rows move between ranks ([`EpCommunication`]).
+/// Implemented for every backend that has both; a program names only this bound
+/// (`B: ExpertParallelBackend`), a backend implements the two traits.
+pub trait ExpertParallelBackend: EpCompute + EpCommunication {}
+
+impl<B: EpCompute + EpCommunication> ExpertParallelBackend for B {}
+
+/// The compute steps of dispatch and combine, and of the MoE layer around them:
+/// kernels on one rank's tensors, which hold no transport.
+///
+/// The steps are not differentiable one by one: on `Autodiff` they run on the inner
+/// backend, outside the graph. The differentiable operations are [`EpGroup`]'s, which
+/// compose these steps with their backward passes.
+///
+/// [`EpGroup`]: crate::EpGroup
+pub trait EpCompute: Backend {
     /// Layout and slots: validates `topk_idx [T, K]` (ids in `-1..E`, no duplicates),
     /// and gives every (token, rank) its slot by prefix sums, in token order.
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
@@ -566,6 +581,21 @@ pub trait ExpertParallelBackend: Backend {
         sum_of_gathers(back, terms, tokens)
     }
 
+    /// Zeros of `shape` that depend on `parent` in the autodiff graph, with a zero
+    /// derivative, made without a kernel on a zero-size tensor on either side: the
+    /// router weights and the loss of a rank with no tokens (see `crate::zero_size`).
+    /// Off autodiff, plain zeros.
+    fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
+        zeros_of::<Self>(shape, &Self::float_device(&parent), parent.dtype())
+    }
+}
+
+/// How a backend moves rows between ranks: the exchanges of the group's transport
+/// ([`SharedExchange`]), and the routes that compose them with the compute steps
+/// (pack, exchange, expand; reduce, exchange, sum). The defaults move host data
+/// through the transport's control path; CubeCL backends hand device buffers to a
+/// device transport instead, and fuse a route's steps where that saves a pass.
+pub trait EpCommunication: EpCompute {
     /// The all-to-all-v of a send buffer `[S, cols]` (segments in rank order,
     /// `send_counts` rows each): returns what the ranks sent here, `[R, C]` in
     /// source-rank order with `recv_counts` rows each (`None` when nothing came).
@@ -676,14 +706,6 @@ pub trait ExpertParallelBackend: Backend {
         })
     }
 
-    /// Zeros of `shape` that depend on `parent` in the autodiff graph, with a zero
-    /// derivative, made without a kernel on a zero-size tensor on either side: the
-    /// router weights and the loss of a rank with no tokens (see `crate::zero_size`).
-    /// Off autodiff, plain zeros.
-    fn ep_zeros_after(parent: FloatTensor<Self>, shape: Shape) -> FloatTensor<Self> {
-        zeros_of::<Self>(shape, &Self::float_device(&parent), parent.dtype())
-    }
-
     /// Combine along a recorded route: expert outputs `y [P, H]` and received weights
     /// `[R, K]` to `[T, H]` (reduce, then return). In the rank-major layout `y` is
     /// `[R, H]`, already reduced, and returns as it is; `weights` are not read (an
@@ -709,7 +731,7 @@ pub trait ExpertParallelBackend: Backend {
     }
 }
 
-/// [`ExpertParallelBackend::ep_record_route`] made of the backend's steps: two
+/// [`EpCommunication::ep_record_route`] made of the backend's steps: two
 /// packs, the exchange of three planes, and (expert-major) positions and expand.
 pub(crate) fn record_route_in_steps<B: ExpertParallelBackend>(
     x: FloatTensor<B>,
@@ -778,7 +800,7 @@ pub(crate) fn record_layout<B: ExpertParallelBackend>(
     (rows, Some((received.weights, ids)))
 }
 
-/// [`ExpertParallelBackend::ep_route_rows`] made of the backend's steps: a pack,
+/// [`EpCommunication::ep_route_rows`] made of the backend's steps: a pack,
 /// then the exchange.
 pub(crate) fn route_rows_in_steps<B: ExpertParallelBackend>(
     x: FloatTensor<B>,
@@ -803,7 +825,7 @@ pub(crate) fn route_rows_in_steps<B: ExpertParallelBackend>(
     )
 }
 
-/// [`ExpertParallelBackend::ep_return_rows`] made of the backend's steps: the
+/// [`EpCommunication::ep_return_rows`] made of the backend's steps: the
 /// exchange, then the sum.
 pub(crate) fn return_rows_in_steps<B: ExpertParallelBackend>(
     rows: Option<FloatTensor<B>>,
@@ -829,7 +851,7 @@ pub(crate) fn return_rows_in_steps<B: ExpertParallelBackend>(
     })
 }
 
-/// [`ExpertParallelBackend::ep_batched_matmul`] on Burn's matmul: a transposed
+/// [`EpCompute::ep_batched_matmul`] on Burn's matmul: a transposed
 /// operand is a view with its last two dims swapped.
 pub(crate) fn burn_batched_matmul<B: Backend>(
     a: FloatTensor<B>,
@@ -967,15 +989,22 @@ pub(crate) fn host_ints<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec
     t.into_data().iter::<i64>().collect()
 }
 
-impl<E, I, Q> ExpertParallelBackend for burn::backend::NdArray<E, I, Q>
-where
-    E: burn::backend::ndarray::FloatNdArrayElement,
-    I: burn::backend::ndarray::IntNdArrayElement,
-    Q: burn::backend::ndarray::QuantElement,
-    burn::backend::ndarray::NdArrayTensor:
-        From<burn::backend::ndarray::SharedArray<E>> + From<burn::backend::ndarray::SharedArray<I>>,
-{
+/// NdArray takes every default: Burn-op steps, and rows moved as host data.
+macro_rules! ndarray_takes_the_defaults {
+    ($($extension:ident),*) => {$(
+        impl<E, I, Q> $extension for burn::backend::NdArray<E, I, Q>
+        where
+            E: burn::backend::ndarray::FloatNdArrayElement,
+            I: burn::backend::ndarray::IntNdArrayElement,
+            Q: burn::backend::ndarray::QuantElement,
+            burn::backend::ndarray::NdArrayTensor: From<burn::backend::ndarray::SharedArray<E>>
+                + From<burn::backend::ndarray::SharedArray<I>>,
+        {
+        }
+    )*};
 }
+
+ndarray_takes_the_defaults!(EpCompute, EpCommunication);
 
 /// Softmax over the experts, or sigmoid, of `logits [T, E]` in Burn ops.
 fn router_scores<B: Backend>(logits: Tensor<B, 2>, sigmoid: bool) -> Tensor<B, 2> {

@@ -1,4 +1,4 @@
-//! `ExpertParallelBackend` for CubeCL backends (wgpu, CUDA): the kernels of
+//! `EpCompute` and `EpCommunication` for CubeCL backends (wgpu, CUDA): the kernels of
 //! `ep-kernels`, launched on the tensors' own client and stream.
 //!
 //! Buffers the kernels index flatly are allocated with `client.empty` (never
@@ -17,7 +17,7 @@ use ep_kernels::{combine_grad, expand, layout, pack, reduce, router, slots, sum,
 
 use crate::backend::{
     record_layout, record_route_in_steps, return_rows_in_steps, route_rows_in_steps, zeros,
-    ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows, RecordedRoute,
+    EpCommunication, EpCompute, LayoutOutput, PackMeta, Packed, Plan, RecordRows, RecordedRoute,
     RouterScoring,
 };
 use crate::cube_exchange::device_exchange;
@@ -32,7 +32,7 @@ const ELEMENT_BLOCK: u32 = 256;
 /// Units per cube for kernels with one cube per row.
 const ROW_BLOCK: u32 = 128;
 
-impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertParallelBackend
+impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> EpCompute
     for CubeBackend<R, F, I, BT>
 {
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
@@ -106,151 +106,6 @@ impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertParall
                 .map(|&c| c as usize)
                 .collect(),
         })
-    }
-
-    fn ep_exchange(
-        tag: ExchangeTag,
-        rows: Option<FloatTensor<Self>>,
-        cols: usize,
-        dtype: DType,
-        send_counts: &[usize],
-        recv_counts: &[usize],
-        device: &Self::Device,
-        exchange: &SharedExchange,
-    ) -> EpResult<Option<FloatTensor<Self>>> {
-        if !exchange.has_device_path() {
-            return host_exchange::<Self>(
-                tag,
-                rows,
-                dtype,
-                send_counts,
-                recv_counts,
-                device,
-                exchange,
-            );
-        }
-        let received = device_exchange::<R>(
-            tag,
-            rows.map(|r| vec![r]),
-            &[(cols, dtype)],
-            send_counts,
-            recv_counts,
-            device,
-            exchange,
-        )?;
-        Ok(received.and_then(|planes| planes.into_iter().next()))
-    }
-
-    fn ep_exchange_record(
-        tag: ExchangeTag,
-        sent: Option<RecordRows<Self>>,
-        [hidden, top_k]: [usize; 2],
-        dtypes: [DType; 2],
-        send_counts: &[usize],
-        recv_counts: &[usize],
-        device: &Self::Device,
-        exchange: &SharedExchange,
-    ) -> EpResult<Option<RecordRows<Self>>> {
-        if !exchange.has_device_path() {
-            return host_exchange_record::<Self>(
-                tag,
-                sent,
-                dtypes,
-                send_counts,
-                recv_counts,
-                device,
-                exchange,
-            );
-        }
-        let sent = sent.map(|s| vec![s.rows, s.weights, s.expert_ids]);
-        let planes = [(hidden, dtypes[0]), (top_k, dtypes[1]), (top_k, I::dtype())];
-        let received = device_exchange::<R>(
-            tag,
-            sent,
-            &planes,
-            send_counts,
-            recv_counts,
-            device,
-            exchange,
-        )?;
-        Ok(received.map(|planes| {
-            let [rows, weights, expert_ids] = planes
-                .try_into()
-                .unwrap_or_else(|_| unreachable!("one receive buffer per plane"));
-            RecordRows {
-                rows,
-                weights,
-                expert_ids,
-            }
-        }))
-    }
-
-    fn ep_record_route(
-        x: FloatTensor<Self>,
-        weights: FloatTensor<Self>,
-        topk_idx: IntTensor<Self>,
-        expert_offsets: &[usize],
-        plan: &mut Plan<Self>,
-        exchange: &SharedExchange,
-    ) -> EpResult<RecordedRoute<Self>> {
-        if !exchange.has_device_path() {
-            return record_route_in_steps::<Self>(
-                x,
-                weights,
-                topk_idx,
-                expert_offsets,
-                plan,
-                exchange,
-            );
-        }
-        let (hidden, dtype) = (x.shape()[1], x.dtype);
-        let received = cube_route::record_exchange(
-            x,
-            weights,
-            topk_idx,
-            expert_offsets.len(),
-            plan,
-            exchange,
-        )?;
-        let received = received.map(|[rows, weights, expert_ids]| RecordRows {
-            rows,
-            weights,
-            expert_ids,
-        });
-        Ok(record_layout::<Self>(
-            received,
-            hidden,
-            dtype,
-            expert_offsets,
-            plan,
-        ))
-    }
-
-    fn ep_route_rows(
-        x: FloatTensor<Self>,
-        plan: &Plan<Self>,
-        exchange: &SharedExchange,
-        op: ExchangeOp,
-    ) -> EpResult<Option<FloatTensor<Self>>> {
-        if !exchange.has_device_path() {
-            return route_rows_in_steps::<Self>(x, plan, exchange, op);
-        }
-        cube_route::route_rows(x, plan, exchange, op)
-    }
-
-    fn ep_return_rows(
-        rows: Option<FloatTensor<Self>>,
-        cols: usize,
-        dtype: DType,
-        plan: &Plan<Self>,
-        exchange: &SharedExchange,
-        op: ExchangeOp,
-    ) -> EpResult<FloatTensor<Self>> {
-        if !exchange.has_device_path() {
-            return return_rows_in_steps::<Self>(rows, cols, dtype, plan, exchange, op);
-        }
-        let summed = cube_route::return_rows(rows, (cols, dtype), plan, exchange, op)?;
-        Ok(summed.unwrap_or_else(|| zeros::<Self>([plan.tokens, cols], &plan.device, dtype)))
     }
 
     fn ep_pack(
@@ -653,6 +508,155 @@ impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ExpertParall
 
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
         launch_sum::<R>(&into_contiguous(back), &into_contiguous(slots), None)
+    }
+}
+
+impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> EpCommunication
+    for CubeBackend<R, F, I, BT>
+{
+    fn ep_exchange(
+        tag: ExchangeTag,
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        if !exchange.has_device_path() {
+            return host_exchange::<Self>(
+                tag,
+                rows,
+                dtype,
+                send_counts,
+                recv_counts,
+                device,
+                exchange,
+            );
+        }
+        let received = device_exchange::<R>(
+            tag,
+            rows.map(|r| vec![r]),
+            &[(cols, dtype)],
+            send_counts,
+            recv_counts,
+            device,
+            exchange,
+        )?;
+        Ok(received.and_then(|planes| planes.into_iter().next()))
+    }
+
+    fn ep_exchange_record(
+        tag: ExchangeTag,
+        sent: Option<RecordRows<Self>>,
+        [hidden, top_k]: [usize; 2],
+        dtypes: [DType; 2],
+        send_counts: &[usize],
+        recv_counts: &[usize],
+        device: &Self::Device,
+        exchange: &SharedExchange,
+    ) -> EpResult<Option<RecordRows<Self>>> {
+        if !exchange.has_device_path() {
+            return host_exchange_record::<Self>(
+                tag,
+                sent,
+                dtypes,
+                send_counts,
+                recv_counts,
+                device,
+                exchange,
+            );
+        }
+        let sent = sent.map(|s| vec![s.rows, s.weights, s.expert_ids]);
+        let planes = [(hidden, dtypes[0]), (top_k, dtypes[1]), (top_k, I::dtype())];
+        let received = device_exchange::<R>(
+            tag,
+            sent,
+            &planes,
+            send_counts,
+            recv_counts,
+            device,
+            exchange,
+        )?;
+        Ok(received.map(|planes| {
+            let [rows, weights, expert_ids] = planes
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("one receive buffer per plane"));
+            RecordRows {
+                rows,
+                weights,
+                expert_ids,
+            }
+        }))
+    }
+
+    fn ep_record_route(
+        x: FloatTensor<Self>,
+        weights: FloatTensor<Self>,
+        topk_idx: IntTensor<Self>,
+        expert_offsets: &[usize],
+        plan: &mut Plan<Self>,
+        exchange: &SharedExchange,
+    ) -> EpResult<RecordedRoute<Self>> {
+        if !exchange.has_device_path() {
+            return record_route_in_steps::<Self>(
+                x,
+                weights,
+                topk_idx,
+                expert_offsets,
+                plan,
+                exchange,
+            );
+        }
+        let (hidden, dtype) = (x.shape()[1], x.dtype);
+        let received = cube_route::record_exchange(
+            x,
+            weights,
+            topk_idx,
+            expert_offsets.len(),
+            plan,
+            exchange,
+        )?;
+        let received = received.map(|[rows, weights, expert_ids]| RecordRows {
+            rows,
+            weights,
+            expert_ids,
+        });
+        Ok(record_layout::<Self>(
+            received,
+            hidden,
+            dtype,
+            expert_offsets,
+            plan,
+        ))
+    }
+
+    fn ep_route_rows(
+        x: FloatTensor<Self>,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+        op: ExchangeOp,
+    ) -> EpResult<Option<FloatTensor<Self>>> {
+        if !exchange.has_device_path() {
+            return route_rows_in_steps::<Self>(x, plan, exchange, op);
+        }
+        cube_route::route_rows(x, plan, exchange, op)
+    }
+
+    fn ep_return_rows(
+        rows: Option<FloatTensor<Self>>,
+        cols: usize,
+        dtype: DType,
+        plan: &Plan<Self>,
+        exchange: &SharedExchange,
+        op: ExchangeOp,
+    ) -> EpResult<FloatTensor<Self>> {
+        if !exchange.has_device_path() {
+            return return_rows_in_steps::<Self>(rows, cols, dtype, plan, exchange, op);
+        }
+        let summed = cube_route::return_rows(rows, (cols, dtype), plan, exchange, op)?;
+        Ok(summed.unwrap_or_else(|| zeros::<Self>([plan.tokens, cols], &plan.device, dtype)))
     }
 }
 

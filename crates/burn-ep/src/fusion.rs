@@ -1,4 +1,4 @@
-//! `ExpertParallelBackend` for Burn's fusion backends (`Fusion<B>`, what
+//! `EpCompute` and `EpCommunication` for Burn's fusion backends (`Fusion<B>`, what
 //! `burn::backend::Wgpu` and `Cuda` are with Burn's default features): each of
 //! burn-ep's operations hands its tensors to the inner backend, runs there, and
 //! registers what it returns as new fusion tensors.
@@ -18,8 +18,8 @@ use burn_ir::{InitOperationIr, OperationIr, OperationOutput};
 use ep_core::{EpConfig, EpResult};
 
 use crate::backend::{
-    ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan, RecordRows, RecordedRoute,
-    RouterScoring,
+    EpCommunication, EpCompute, ExpertParallelBackend, LayoutOutput, PackMeta, Packed, Plan,
+    RecordRows, RecordedRoute, RouterScoring,
 };
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 
@@ -76,7 +76,7 @@ fn outer_record<B: FusionBackend>(r: RecordRows<B>) -> RecordRows<Fusion<B>> {
     }
 }
 
-impl<B: FusionBackend + ExpertParallelBackend> ExpertParallelBackend for Fusion<B> {
+impl<B: FusionBackend + ExpertParallelBackend> EpCompute for Fusion<B> {
     fn ep_layout(topk_idx: IntTensor<Self>, config: &EpConfig) -> EpResult<LayoutOutput<Self>> {
         let out = B::ep_layout(inner_int::<B>(topk_idx), config)?;
         Ok(LayoutOutput {
@@ -260,7 +260,9 @@ impl<B: FusionBackend + ExpertParallelBackend> ExpertParallelBackend for Fusion<
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
         outer_float::<B>(B::ep_sum(inner_float::<B>(back), inner_int::<B>(slots)))
     }
+}
 
+impl<B: FusionBackend + ExpertParallelBackend> EpCommunication for Fusion<B> {
     #[allow(clippy::too_many_arguments)]
     fn ep_exchange(
         tag: ExchangeTag,

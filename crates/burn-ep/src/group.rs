@@ -45,6 +45,18 @@ pub struct RankMajorDispatched<B: ExpertParallelBackend> {
 }
 
 /// One rank's member of an expert-parallel group.
+///
+/// Groups are made by the runners, [`run_ranks`](crate::run_ranks) and
+/// [`launch`](crate::launch), which set up the transport and hand every rank its
+/// group; there is no constructor to join one by hand:
+///
+/// ```compile_fail
+/// use burn::backend::NdArray;
+/// use burn_ep::{profiling::local_comms, EpConfig, EpGroup, DEFAULT_TIMEOUT};
+///
+/// let comm = local_comms(1, DEFAULT_TIMEOUT).remove(0);
+/// let group = EpGroup::<NdArray>::new(EpConfig::new(1, 2, 1, 4), comm, Default::default());
+/// ```
 pub struct EpGroup<B: ExpertParallelBackend> {
     config: EpConfig,
     exchange: SharedExchange,
@@ -56,7 +68,7 @@ pub struct EpGroup<B: ExpertParallelBackend> {
 impl<B: ExpertParallelBackend> EpGroup<B> {
     /// Joins a group on the local transport: `config.world_size` must match the
     /// transport's, and the rank is taken from the transport.
-    pub fn new(config: EpConfig, comm: LocalComm, device: B::Device) -> EpResult<Self> {
+    pub(crate) fn new(config: EpConfig, comm: LocalComm, device: B::Device) -> EpResult<Self> {
         Self::on(config, comm, device)
     }
 
@@ -64,7 +76,7 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// rows move between device buffers by peer copies. `device` must be the CUDA
     /// device the transport gave this rank.
     #[cfg(feature = "cuda")]
-    pub fn cuda_peer(
+    pub(crate) fn cuda_peer(
         config: EpConfig,
         comm: ep_mesh::CudaPeerComm,
         device: B::Device,
@@ -77,14 +89,18 @@ impl<B: ExpertParallelBackend> EpGroup<B> {
     /// process or across processes and nodes. `device` must be the CUDA device the
     /// communicator was made on.
     #[cfg(feature = "cuda")]
-    pub fn nccl(config: EpConfig, comm: ep_mesh::NcclComm, device: B::Device) -> EpResult<Self> {
+    pub(crate) fn nccl(
+        config: EpConfig,
+        comm: ep_mesh::NcclComm,
+        device: B::Device,
+    ) -> EpResult<Self> {
         Self::on(config, comm, device)
     }
 
     /// Joins a hierarchical group: device copies between the ranks of this process,
     /// NCCL to the others (see `ep_mesh::hierarchical`).
     #[cfg(feature = "cuda")]
-    pub fn hierarchical(
+    pub(crate) fn hierarchical(
         config: EpConfig,
         comm: ep_mesh::HierarchicalComm,
         device: B::Device,
@@ -623,4 +639,27 @@ fn pad_int_rows<B: ExpertParallelBackend>(
         return pad;
     }
     Tensor::cat(vec![t, pad], 0)
+}
+
+#[cfg(all(test, feature = "ndarray"))]
+mod tests {
+    use std::time::Duration;
+
+    use burn::backend::NdArray;
+    use ep_core::{EpConfig, EpError};
+
+    use super::EpGroup;
+
+    /// A group joins a transport of its own world size only. (The runners make the
+    /// transport from the configuration; this guards a hand-made one.)
+    #[test]
+    fn world_size_must_match_the_transport() {
+        let comms = ep_mesh::local_comms(2, Duration::from_secs(10));
+        let config = EpConfig::new(4, 8, 2, 3);
+        let comm = comms.into_iter().next().unwrap();
+        let err = EpGroup::<NdArray>::new(config, comm, Default::default())
+            .err()
+            .unwrap();
+        assert!(matches!(err, EpError::InvalidConfig(m) if m.contains("transport has 2 ranks")));
+    }
 }
