@@ -14,7 +14,7 @@ use burn::backend::Autodiff;
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
 use burn_ep::moe::MoeConfig;
-use burn_ep::{run_ranks, EpConfig, EpGroup, ExpertParallelBackend, Transport};
+use burn_ep::{EpConfig, EpGroup, ExpertParallelBackend, Transport};
 use common::*;
 use ep_core::synthetic::SplitMix64;
 use mapping::{train, TrainConfig};
@@ -31,14 +31,9 @@ fn losses<B: burn::tensor::backend::AutodiffBackend + ExpertParallelBackend>(
     let ep = EpConfig::new(ranks, config.num_experts, config.top_k, config.hidden)
         .with_max_tokens_per_rank(config.global_tokens)
         .with_sp_size(config.sp_size);
-    let results = run_ranks(
-        Transport::Local,
-        &options(),
-        &ep,
-        |_, _| device.clone(),
-        |group: EpGroup<B>| train(config, &group, steps, |_| {}),
-    )
-    .unwrap();
+    let results = run_group_on(Transport::Local, &ep, &device, |group: &EpGroup<B>| {
+        train(config, group, steps, |_| {})
+    });
     let histories: Vec<Vec<f32>> = results
         .into_iter()
         .map(|r| r.unwrap().iter().map(|s| s.loss).collect())
@@ -128,22 +123,15 @@ fn sp_output<B: ExpertParallelBackend>(
     let ep = EpConfig::new(2, 4, 2, 8)
         .with_sp_size(sp)
         .with_expert_alignment(4);
-    run_ranks(
-        Transport::Local,
-        &options(),
-        &ep,
-        |_, _| device.clone(),
-        |group: EpGroup<B>| {
-            let layer = moe.init::<B>(group.rank(), 2, 3, &device);
-            let mut rng = SplitMix64::new(50 + group.rank() as u64);
-            let x: Vec<f32> = (0..tokens * 8).map(|_| rng.next_f32() - 0.5).collect();
-            let x = Tensor::<B, 2>::from_data(TensorData::new(x, [tokens, 8]), &device);
-            let out = layer.forward(x, &group)?.out;
-            assert_eq!(out.dims(), [tokens, 8]);
-            Ok(host(out))
-        },
-    )
-    .unwrap()
+    run_group_on(Transport::Local, &ep, &device, |group: &EpGroup<B>| {
+        let layer = moe.init::<B>(group.rank(), 2, 3, &device);
+        let mut rng = SplitMix64::new(50 + group.rank() as u64);
+        let x: Vec<f32> = (0..tokens * 8).map(|_| rng.next_f32() - 0.5).collect();
+        let x = Tensor::<B, 2>::from_data(TensorData::new(x, [tokens, 8]), &device);
+        let out = layer.forward(x, group)?.out;
+        assert_eq!(out.dims(), [tokens, 8]);
+        Ok(host(out))
+    })
     .into_iter()
     .map(|r| r.unwrap())
     .collect()

@@ -164,21 +164,12 @@ where
         first = saved.step;
     }
     let cross_entropy = CrossEntropyLossConfig::new().init(&device);
+    // The same held-out sequences at every measurement.
+    let held_out = rank_batch::<B>(&corpus.held_out, run, !run.seed, group);
     let mut steps = Vec::new();
     for step in first..run.steps {
-        let (inputs, targets) = sequences(
-            &corpus.train,
-            length,
-            run.sequences,
-            step_seed(run.seed, step),
-        );
-        let (inputs, targets) = (
-            rank_share(&inputs, rank, world),
-            rank_share(&targets, rank, world),
-        );
-        let n = inputs.len();
-        let inputs = Tensor::<B, 1, Int>::from_data(TensorData::new(inputs, [n]), &device);
-        let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
+        let (inputs, targets) =
+            rank_batch::<B>(&corpus.train, run, step_seed(run.seed, step), group);
         let LmOutput { logits, loads } = model.forward(inputs, length, group)?;
         let loss = cross_entropy.forward(logits, targets);
         let value = loss.clone().inner();
@@ -201,7 +192,7 @@ where
             .collect();
         let done = step + 1;
         let held_out = if done % run.eval_every == 0 || done == run.steps {
-            Some(held_out_loss(&model, run, corpus, group)?)
+            Some(held_out_loss(&model, length, &held_out, group)?)
         } else {
             None
         };
@@ -276,36 +267,43 @@ where
     Ok(())
 }
 
-/// The mean loss over the group on the held-out text: the same sequences at every
-/// measurement, split over the ranks, without gradients.
+/// Rank `group.rank()`'s share of `run.sequences` sequences of `text` drawn from
+/// `seed`: its input bytes and the bytes that follow each, as token tensors.
+fn rank_batch<B: AutodiffBackend + ExpertParallelBackend>(
+    text: &[u8],
+    run: &TextRun,
+    seed: u64,
+    group: &EpGroup<B>,
+) -> (Tensor<B, 1, Int>, Tensor<B, 1, Int>) {
+    let (rank, world) = (group.rank(), group.world_size());
+    let (inputs, targets) = sequences(text, run.shape.sequence, run.sequences, seed);
+    let tokens = |all: Vec<i64>| {
+        let share = rank_share(&all, rank, world);
+        let n = share.len();
+        Tensor::from_data(TensorData::new(share, [n]), group.device())
+    };
+    (tokens(inputs), tokens(targets))
+}
+
+/// The mean loss over the group on the held-out batch (each rank's share, made once
+/// by [`rank_batch`]), without gradients.
 fn held_out_loss<B>(
     model: &MoeTransformer<B>,
-    run: &TextRun,
-    corpus: &Corpus,
+    length: usize,
+    (inputs, targets): &(Tensor<B, 1, Int>, Tensor<B, 1, Int>),
     group: &EpGroup<B>,
 ) -> EpResult<f32>
 where
     B: AutodiffBackend + ExpertParallelBackend,
 {
-    let (rank, world) = (group.rank(), group.world_size());
-    let device = group.device();
     let model = model.clone().no_grad();
-    let length = run.shape.sequence;
-    let (inputs, targets) = sequences(&corpus.held_out, length, run.sequences, !run.seed);
-    let (inputs, targets) = (
-        rank_share(&inputs, rank, world),
-        rank_share(&targets, rank, world),
-    );
-    let n = inputs.len();
-    let inputs = Tensor::<B, 1, Int>::from_data(TensorData::new(inputs, [n]), device);
-    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), device);
-    let logits = model.forward(inputs, length, group)?.logits;
+    let logits = model.forward(inputs.clone(), length, group)?.logits;
     let loss = CrossEntropyLossConfig::new()
-        .init(device)
-        .forward(logits, targets)
+        .init(group.device())
+        .forward(logits, targets.clone())
         .into_scalar()
         .elem::<f32>();
-    Ok(group.all_reduce_sum(vec![loss])?[0] / world as f32)
+    Ok(group.all_reduce_sum(vec![loss])?[0] / group.world_size() as f32)
 }
 
 /// How peaked the sampling is: below 1, likelier bytes are favoured more.
