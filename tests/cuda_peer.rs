@@ -1,6 +1,7 @@
 //! The cuda-peer transport: ranks as threads of one process, rows moving between
 //! device buffers by copies (peer copies across GPUs, device copies between ranks
-//! sharing one). On a one-GPU host every rank shares device 0, which runs the whole
+//! sharing one), or, in two-rank groups, written and read by the kernels in the
+//! peer's buffers. On a one-GPU host every rank shares device 0, which runs the whole
 //! transport path. With the `cuda` feature the other test binaries run their groups
 //! on it too (`common::transport`); this file checks what is particular to it.
 
@@ -138,6 +139,81 @@ mod on_cuda {
                 );
                 assert_eq!(replay, &replayed[rank], "layer {l} rank {rank}: replay");
             }
+        }
+    }
+
+    /// Two handles interleaved, twice over: record A, record B, replay A right after
+    /// B's record, combine B, combine A, then a rank-major dispatch and its combine.
+    /// Two ranks take the direct route (the pack writes into the peer's receive
+    /// buffers, the sum reads the peer's returned rows where they are), three the
+    /// transport's copies. Each round's every output is bitwise the previous
+    /// round's, and the rows are the reference's; one token a rank and none on the
+    /// last rank included.
+    #[rstest]
+    fn interleaved_handles_repeat_bitwise(
+        #[values(2, 3)] world: usize,
+        #[values(1, 33)] tokens: usize,
+        #[values(RoutingPattern::Uniform, RoutingPattern::NoTokensOnLastRank)]
+        pattern: RoutingPattern,
+    ) {
+        use ep_core::reference;
+        let config = EpConfig::new(world, 2 * world, 2, 24);
+        let (k, local) = (config.top_k, config.experts_per_rank());
+        let sentinels = SentinelPattern::RandomTenth;
+        let a = synthetic_batches(&config, tokens, pattern, sentinels, 41);
+        let b = synthetic_batches(&config, tokens + 5, pattern, sentinels, 42);
+        let device = Default::default();
+
+        let rounds: Vec<Vec<Vec<Vec<f32>>>> =
+            run_group_on::<Cube, _, _>(Transport::CudaPeer, &config, &device, |group| {
+                let rank = group.rank();
+                let (xa, ia, wa) = inputs::<Cube>(&a[rank], k, &device);
+                let (xb, ib, wb) = inputs::<Cube>(&b[rank], k, &device);
+                let mut rounds = Vec::new();
+                for _ in 0..2 {
+                    let da = group.dispatch(xa.clone(), ia.clone(), wa.clone())?;
+                    let db = group.dispatch(xb.clone(), ib.clone(), wb.clone())?;
+                    let ra = group.dispatch_cached(xa.clone(), &da.routing)?;
+                    let experts = |d: &burn_ep::Dispatched<Cube>| {
+                        let offsets = d.routing.expert_offsets().to_vec();
+                        apply_experts(d.rows.clone(), &offsets, rank * local)
+                    };
+                    let cb = group.combine(experts(&db), &db.routing)?;
+                    let ca = group.combine(experts(&da), &da.routing)?;
+                    let m = group.dispatch_rank_major(xa.clone(), ia.clone(), wa.clone())?;
+                    let back = group.combine(m.rows.clone(), &m.routing)?;
+                    rounds.push(
+                        [da.rows, db.rows, ra, cb, ca, m.rows, back]
+                            .into_iter()
+                            .map(host)
+                            .collect(),
+                    );
+                }
+                Ok(rounds)
+            })
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+
+        let (expected_a, expected_b) = (
+            reference::dispatch(&config, &a).unwrap(),
+            reference::dispatch(&config, &b).unwrap(),
+        );
+        for (rank, outputs) in rounds.iter().enumerate() {
+            let names = ["rows A", "rows B", "replay A", "combine B", "combine A"];
+            let names = names
+                .iter()
+                .chain(&["rank-major rows", "rank-major combine"]);
+            for (name, (first, second)) in names.zip(outputs[0].iter().zip(&outputs[1])) {
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(first), bits(second), "rank {rank}: {name}, round 2");
+            }
+            assert_eq!(outputs[0][0], expected_a[rank].rows, "rank {rank}: rows A");
+            assert_eq!(outputs[0][1], expected_b[rank].rows, "rank {rank}: rows B");
+            assert_eq!(
+                outputs[0][2], expected_a[rank].rows,
+                "rank {rank}: replay A"
+            );
         }
     }
 

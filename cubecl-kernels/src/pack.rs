@@ -18,7 +18,7 @@ use cubecl::prelude::*;
 /// and `local_ids` instead, send row `s` to row `s - local_from + local_to`: the
 /// send segment of that rank starts at `local_from`, its receive segment at
 /// `local_to`.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 pub fn pack_kernel<F: Float, I: Int, N: Size>(
     x: &Array<Vector<F, N>>,
     slots: &Array<I>,

@@ -9,7 +9,7 @@ use crate::pack::LocalSegment;
 /// slots[t, d] >= 0 of back[slots[t, d]]`. The rows of rank `local.rank` are read
 /// from `local` instead (the rows this rank would have sent itself, which no
 /// transport copied), row `s` of `back` at `local.row_of(s)`.
-#[cube(launch)]
+#[cube(launch, launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn sum_kernel<F: Float, I: Int, N: Size>(
     back: &Array<Vector<F, N>>,

@@ -27,6 +27,28 @@ use crate::exchange::{
 };
 use crate::runtime::EpRuntime;
 
+/// Launches `module::kernel` with bounds checks, or without (`launch_unchecked`)
+/// where the launcher says its indices stay in the buffers it binds.
+macro_rules! launch_kernel {
+    ($checks:expr, $module:ident :: $kernel:ident :: <$r:ty>, $($arg:expr),* $(,)?) => {
+        match $checks {
+            BoundsChecks::On => $module::$kernel::launch::<$r>($($arg),*),
+            // SAFETY: the launcher's indices stay within the memory bound to each
+            // argument (see `BoundsChecks::Off`).
+            BoundsChecks::Off => unsafe { $module::$kernel::launch_unchecked::<$r>($($arg),*) },
+        }
+    };
+}
+
+/// Whether a launch checks its indices against its arrays' lengths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BoundsChecks {
+    On,
+    /// For arguments redirected to a peer's buffer (`EpRuntime::with_redirected`),
+    /// whose placeholder is shorter than what the kernel reaches there.
+    Off,
+}
+
 /// Units per cube for kernels with one unit per element.
 const ELEMENT_BLOCK: u32 = 256;
 /// Units per cube for kernels with one cube per row.
@@ -127,7 +149,7 @@ impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> EpCompute
                 experts_per_rank: m.experts_per_rank,
             }
         });
-        launch_pack::<R>(&x, &slots, &out, meta.as_ref(), None);
+        launch_pack::<R>(&x, &slots, &out, meta.as_ref(), None, BoundsChecks::On);
         (out, meta.map(|m| m.out_local))
     }
 
@@ -507,7 +529,12 @@ impl<R: EpRuntime, F: FloatElement, I: IntElement, BT: BoolElement> EpCompute
     }
 
     fn ep_sum(back: FloatTensor<Self>, slots: IntTensor<Self>) -> FloatTensor<Self> {
-        launch_sum::<R>(&into_contiguous(back), &into_contiguous(slots), None)
+        launch_sum::<R>(
+            &into_contiguous(back),
+            &into_contiguous(slots),
+            None,
+            BoundsChecks::On,
+        )
     }
 }
 
@@ -697,6 +724,7 @@ pub(crate) fn launch_sum<R: CubeRuntime>(
     back: &CubeTensor<R>,
     slots: &CubeTensor<R>,
     own: Option<(OwnRows, &CubeTensor<R>)>,
+    checks: BoundsChecks,
 ) -> CubeTensor<R> {
     let [_, hidden] = dims2(back);
     let [tokens, world] = dims2(slots);
@@ -704,7 +732,9 @@ pub(crate) fn launch_sum<R: CubeRuntime>(
     let n = vector_size::<R>(&back.client, hidden, back.dtype);
     let local = own.map_or(back, |(_, rows)| rows);
     counters::kernel_launch();
-    sum::sum_kernel::launch::<R>(
+    launch_kernel!(
+        checks,
+        sum::sum_kernel::<R>,
         &back.client,
         row_count(tokens),
         CubeDim::new_1d(ROW_BLOCK),
@@ -738,6 +768,7 @@ pub(crate) fn launch_pack<R: CubeRuntime>(
     out: &CubeTensor<R>,
     meta: Option<&MetaBuffers<R>>,
     own: Option<OwnPlacement<'_, R>>,
+    checks: BoundsChecks,
 ) {
     let [tokens, hidden] = dims2(x);
     let world = dims2(slots)[1];
@@ -762,7 +793,9 @@ pub(crate) fn launch_pack<R: CubeRuntime>(
         .clone();
     let dtypes = [x.dtype.into(), idx.dtype.into()];
     counters::kernel_launch();
-    pack::pack_kernel::launch::<R>(
+    launch_kernel!(
+        checks,
+        pack::pack_kernel::<R>,
         &x.client,
         row_count(tokens),
         CubeDim::new_1d(ROW_BLOCK),

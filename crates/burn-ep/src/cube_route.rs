@@ -3,7 +3,9 @@
 //! in this rank's receive buffers; coming back, the sum reads them from the rows
 //! being returned. The transport copies only the rows between distinct ranks, so
 //! with two ranks it moves half the bytes a full all-to-all would. (A transport
-//! may ask to move them itself: NCCL's loopback diagnostic.)
+//! may ask to move them itself: NCCL's loopback diagnostic.) In a two-rank group on
+//! one GPU (cuda-peer) nothing is copied: the kernels reach into the peer's buffers
+//! (`cube_direct`).
 
 use std::slice;
 
@@ -16,7 +18,8 @@ use cubecl::Runtime;
 use ep_core::{EpError, EpResult};
 
 use crate::backend::RoutePlan;
-use crate::cube::{launch_pack, launch_sum, MetaBuffers, OwnPlacement, OwnRows};
+use crate::cube::{launch_pack, launch_sum, BoundsChecks, MetaBuffers, OwnPlacement, OwnRows};
+use crate::cube_direct::Direct;
 use crate::cube_exchange::{alloc_planes, exchange_into, Counts};
 use crate::exchange::{ExchangeOp, ExchangeTag, SharedExchange};
 
@@ -35,6 +38,18 @@ pub(crate) fn route_rows<R: EpRuntime>(
     let own = own_rows(plan, exchange, tag)?;
     let planes = [(x.shape()[1], x.dtype)];
     let recv = alloc_planes::<R>(&plan.device, &planes, plan.received_rows());
+    if let Some(direct) = Direct::of(plan, exchange, own) {
+        let send = plan
+            .send_slots()
+            .map(|slots| (into_contiguous(x), into_contiguous(slots.clone())));
+        direct.push(tag, &planes, recv.as_deref(), |out, placement| {
+            if let Some((x, slots)) = &send {
+                let placement = placement.at(0, None);
+                launch_pack(x, slots, &out[0], None, placement, BoundsChecks::Off);
+            }
+        })?;
+        return Ok(recv.and_then(|planes| planes.into_iter().next()));
+    }
     // Inputs are made contiguous only where rows are sent: CUDA refuses the
     // zero-size copy kernel a rank without tokens would launch.
     let send = plan.send_slots().map(|slots| {
@@ -46,7 +61,14 @@ pub(crate) fn route_rows<R: EpRuntime>(
             ids: None,
         });
         let slots = into_contiguous(slots.clone());
-        launch_pack(&into_contiguous(x), &slots, &sent[0], None, placement);
+        launch_pack(
+            &into_contiguous(x),
+            &slots,
+            &sent[0],
+            None,
+            placement,
+            BoundsChecks::On,
+        );
         sent
     });
     exchange_into(
@@ -74,6 +96,14 @@ pub(crate) fn return_rows<R: EpRuntime>(
     let own = own_rows(plan, exchange, tag)?;
     let rows = rows.map(into_contiguous);
     let planes = [(cols, dtype)];
+    if let Some(direct) = Direct::of(plan, exchange, own) {
+        return direct.pull(tag, &planes, rows.as_ref(), |back| {
+            let slots = plan.slots.as_ref().filter(|_| plan.sent_rows() > 0)?;
+            let own = own.zip(rows.as_ref());
+            let slots = into_contiguous(slots.clone());
+            Some(launch_sum(back, &slots, own, BoundsChecks::Off))
+        });
+    }
     let back = alloc_planes::<R>(&plan.device, &planes, plan.sent_rows());
     let counts = Counts {
         send: &plan.recv_counts,
@@ -93,6 +123,7 @@ pub(crate) fn return_rows<R: EpRuntime>(
             &back[0],
             &into_contiguous(slots.clone()),
             own.zip(rows.as_ref()),
+            BoundsChecks::On,
         )),
         _ => None,
     })
@@ -119,6 +150,33 @@ pub(crate) fn record_exchange<R: EpRuntime>(
         (top_k, topk_idx.dtype),
     ];
     let recv = alloc_planes::<R>(&plan.device, &planes, plan.received_rows());
+    let into_array = |planes: Vec<CubeTensor<R>>| -> [CubeTensor<R>; 3] {
+        planes
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one receive buffer per plane"))
+    };
+    if let Some(direct) = Direct::of(plan, exchange, own) {
+        // Inputs are made contiguous only where rows are sent (see `route_rows`).
+        let send = plan.send_slots().map(|slots| {
+            let inputs = [x, weights, topk_idx, slots.clone()];
+            inputs.map(into_contiguous)
+        });
+        direct.push(tag, &planes, recv.as_deref(), |out, placement| {
+            if let Some([x, weights, idx, slots]) = &send {
+                let rows = placement.at(0, None);
+                launch_pack(x, slots, &out[0], None, rows, BoundsChecks::Off);
+                let meta = MetaBuffers {
+                    idx: idx.clone(),
+                    out_local: out[2].clone(),
+                    experts_per_rank,
+                };
+                let weights_placement = placement.at(1, Some(2));
+                let (out, checks) = (&out[1], BoundsChecks::Off);
+                launch_pack(weights, slots, out, Some(&meta), weights_placement, checks);
+            }
+        })?;
+        return Ok(recv.map(into_array));
+    }
     // Inputs are made contiguous only where rows are sent (see `route_rows`).
     let send = plan.send_slots().map(|slots| {
         let (x, weights) = (into_contiguous(x), into_contiguous(weights));
@@ -132,7 +190,14 @@ pub(crate) fn record_exchange<R: EpRuntime>(
                 ids: ids.map(|i| &recv[i]),
             })
         };
-        launch_pack(&x, &slots, &sent[0], None, placement(0, None));
+        launch_pack(
+            &x,
+            &slots,
+            &sent[0],
+            None,
+            placement(0, None),
+            BoundsChecks::On,
+        );
         let meta = MetaBuffers {
             idx: into_contiguous(topk_idx),
             out_local: sent[2].clone(),
@@ -144,6 +209,7 @@ pub(crate) fn record_exchange<R: EpRuntime>(
             &sent[1],
             Some(&meta),
             placement(1, Some(2)),
+            BoundsChecks::On,
         );
         sent
     });
@@ -155,11 +221,7 @@ pub(crate) fn record_exchange<R: EpRuntime>(
         outgoing(plan, own.is_some()),
         exchange,
     )?;
-    Ok(recv.map(|planes| {
-        planes
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("one receive buffer per plane"))
-    }))
+    Ok(recv.map(into_array))
 }
 
 /// The counts of a route going out; `local_placed` when the pack placed this

@@ -359,6 +359,44 @@ impl SharedExchange {
     }
 }
 
+impl SharedExchange {
+    /// Whether this rank's kernels can reach into its peers' buffers (see
+    /// [`ep_mesh::DirectAccess`]).
+    pub(crate) fn has_direct_access(&self) -> bool {
+        self.0.rows.device().is_some_and(|d| d.direct().is_some())
+    }
+
+    /// The checked direct path (see [`ep_mesh::DirectAccess::direct_call`]): the pairing is
+    /// checked in the message that carries `offer`; `kernels` may touch the offered
+    /// buffers of the peers in `reach`, and the peers in `reached_by` touch this
+    /// rank's.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn direct_call(
+        &self,
+        tag: ExchangeTag,
+        (send_counts, recv_counts): (&[usize], &[usize]),
+        offer: Vec<Vec<u64>>,
+        (reach, reached_by): (&[bool], &[bool]),
+        stream: u64,
+        kernels: &mut dyn FnMut(&[Vec<u64>]) -> EpResult<()>,
+    ) -> EpResult<()> {
+        let direct = self
+            .0
+            .rows
+            .device()
+            .and_then(|d| d.direct())
+            .ok_or_else(|| {
+                EpError::Transport(
+                    "this transport gives kernels no access to peers' buffers".into(),
+                )
+            })?;
+        self.check_healthy()?;
+        let pairing = self.pairing(tag, send_counts, recv_counts);
+        counters::exchange();
+        direct.direct_call(offer, reach, reached_by, &pairing, stream, kernels)
+    }
+}
+
 /// The pairing check of one exchange: each rank tells each peer the tag and the
 /// rows it sends there; the peer expects its own tag and the rows it receives.
 pub(crate) struct TagPairing<'a> {

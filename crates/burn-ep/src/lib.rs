@@ -18,6 +18,7 @@
 mod autodiff;
 mod backend;
 mod cube;
+mod cube_direct;
 mod cube_exchange;
 mod cube_route;
 #[cfg(feature = "cuda")]

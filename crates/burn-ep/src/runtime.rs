@@ -21,6 +21,23 @@ pub trait EpRuntime: CubeRuntime {
     fn cuda_buffer(_tensor: &CubeTensor<Self>) -> EpResult<CudaBuffer> {
         Err(not_cuda())
     }
+
+    /// Runs `launch` with each kernel argument whose buffer starts at `from` bound
+    /// to address `to` instead, for each `(from, to)` of `redirects` (a peer's
+    /// buffer, through burn-ep's `cubecl-cuda` patch); an error naming the mismatch
+    /// on a runtime that is not CUDA's.
+    ///
+    /// # Safety
+    ///
+    /// As `cubecl_cuda::with_redirected_arguments`: every `to` is reachable from
+    /// this rank's device and valid for all the kernel touches through it, until
+    /// the kernel ends, and the kernel is launched without bounds checks.
+    unsafe fn with_redirected<T>(
+        _redirects: &[(u64, u64)],
+        _launch: impl FnOnce() -> T,
+    ) -> EpResult<T> {
+        Err(not_cuda())
+    }
 }
 
 /// A CUDA buffer as the transports and cuBLAS see it.
@@ -53,6 +70,14 @@ impl EpRuntime for cubecl::cuda::CudaRuntime {
             stream: resource.stream as u64,
             ordinal: tensor.device.ordinal(),
         })
+    }
+
+    unsafe fn with_redirected<T>(
+        redirects: &[(u64, u64)],
+        launch: impl FnOnce() -> T,
+    ) -> EpResult<T> {
+        // SAFETY: the caller's contract is the patch's.
+        Ok(unsafe { cubecl::cuda::with_redirected_arguments(redirects, launch) })
     }
 }
 

@@ -26,6 +26,11 @@
 //!    the copies out of them: work queued after the call sees the rows, and no
 //!    buffer is released under a running copy.
 //!
+//! In a two-rank group on one GPU burn-ep's kernels skip the copies: the ranks trade buffer
+//! addresses instead of rows, and each rank's kernels write or read the peer's
+//! buffers themselves ([`DirectAccess`], the same events standing in the caller's
+//! stream for the copy streams).
+//!
 //! The events are reused from call to call without a race: a rank records its
 //! ready event for call N+1 only after the barrier of call N, by which time every
 //! peer has queued its waits on it, and a copied event is recorded again only
@@ -39,7 +44,7 @@ use cudarc::driver::{result, sys};
 use ep_core::{counters, EpError, EpResult};
 
 use crate::device_exchange::{
-    check_counts, open_call, spans_of_call, DeviceExchange, Pairing, Plane, Span,
+    check_counts, open_call, spans_of_call, DeviceExchange, DirectAccess, Pairing, Plane, Span,
 };
 use crate::local::{local_comms, run_threads, LocalComm};
 
@@ -427,24 +432,37 @@ impl CudaPeerComm {
             }
             Ok(())
         })();
-        // Every rank meets here, on success or failure alike, so no peer waits for a
-        // barrier that never comes.
+        // The caller's stream waits for the bytes that left and the bytes that came.
+        let sent = (0..world).filter(|&dest| bytes_of(&send[dest]) > 0);
+        let came = (0..world).filter(|&source| source != me && bytes_of(&recv[source]) > 0);
+        let waits = sent
+            .map(|dest| events.copied[me][dest])
+            .chain(came.map(|source| events.copied[source][me]));
+        self.close_call(queued, waits, stream)
+    }
+
+    /// The end of every call: every rank meets the others with its status, on
+    /// success or failure alike, so no peer waits for a barrier that never comes;
+    /// then `stream` waits for `waits`, after a failure as well (an event a failed
+    /// peer did not record this call is an earlier call's, already passed).
+    fn close_call(
+        &self,
+        queued: EpResult<()>,
+        waits: impl Iterator<Item = Raw<sys::CUevent>>,
+        stream: sys::CUstream,
+    ) -> EpResult<()> {
         counters::control_message();
         let status: Vec<Result<(), String>> =
-            self.control
-                .all_to_all(vec![queued.clone().map_err(|e| e.to_string()); world])?;
+            self.control.all_to_all(vec![
+                queued.clone().map_err(|e| e.to_string());
+                self.world_size()
+            ])?;
         let failed = status
             .into_iter()
             .enumerate()
             .find_map(|(rank, s)| s.err().map(|reason| (rank, reason)));
-        // The caller's stream waits for the bytes that left and the bytes that came,
-        // after a failure as well: an event a failed peer did not record this call
-        // is an earlier call's, already passed.
-        let sent = (0..world).filter(|&dest| bytes_of(&send[dest]) > 0);
-        let came = (0..world).filter(|&source| source != me && bytes_of(&recv[source]) > 0);
-        let ordered = sent
-            .map(|dest| events.copied[me][dest])
-            .chain(came.map(|source| events.copied[source][me]))
+        let ordered = waits
+            .into_iter()
             .try_for_each(|event| wait_on(stream, event.0));
         if queued.is_err() || failed.is_some() || ordered.is_err() {
             self.drain_copies();
@@ -472,6 +490,66 @@ impl DeviceExchange for CudaPeerComm {
         let (send, recv) =
             spans_of_call(planes, send_counts, recv_counts, self.rank(), local_placed);
         self.exchange_spans(&send, &recv, Some(pairing), stream)
+    }
+
+    /// Where every rank shares one GPU: kernels reaching a peer GPU's memory over
+    /// NVLink have not run on a multi-GPU host yet, so ranks on several GPUs keep
+    /// the copy engines.
+    fn direct(&self) -> Option<&dyn DirectAccess> {
+        let one_gpu = self.devices.iter().all(|&d| d == self.devices[0]);
+        one_gpu.then_some(self as &dyn DirectAccess)
+    }
+}
+
+/// The ranks' kernels reach into each other's buffers: every buffer of the process
+/// is in one address space, and peer access is enabled between its devices. The
+/// events order it as the copies are ordered (see the module's protocol), the
+/// caller's stream standing in for the copy streams: a rank's `ready` event is
+/// recorded before the opening message, its stream waits for the `ready` events of
+/// the peers it reaches before its kernels, and records `copied[me][peer]` after
+/// them; after the closing barrier it waits for `copied[peer][me]` of the peers
+/// that reach it.
+impl DirectAccess for CudaPeerComm {
+    fn direct_call(
+        &self,
+        offer: Vec<Vec<u64>>,
+        reach: &[bool],
+        reached_by: &[bool],
+        pairing: &dyn Pairing,
+        stream: u64,
+        kernels: &mut dyn FnMut(&[Vec<u64>]) -> EpResult<()>,
+    ) -> EpResult<()> {
+        let (me, world) = (self.rank(), self.world_size());
+        if reach.len() != world || reached_by.len() != world {
+            return Err(EpError::Transport(format!(
+                "rank {me}: a direct call needs {world} reach flags each way, got {} and {}",
+                reach.len(),
+                reached_by.len()
+            )));
+        }
+        let stream = stream as sys::CUstream;
+        let events = &self.events;
+        set_current(&self.contexts, self.device())?;
+        unsafe { result::event::record(events.ready[me].0, stream) }
+            .map_err(|e| driver("cuEventRecord", e))?;
+        let offers = open_call(self.control.as_ref(), pairing, offer)?;
+        let peers = |flags: &[bool]| {
+            let flags = flags.to_vec();
+            (0..world).filter(move |&p| p != me && flags[p])
+        };
+        let queued = (|| {
+            for peer in peers(reach) {
+                wait_on(stream, events.ready[peer].0)?;
+            }
+            kernels(&offers)?;
+            for peer in peers(reach) {
+                unsafe { result::event::record(events.copied[me][peer].0, stream) }
+                    .map_err(|e| driver("cuEventRecord", e))?;
+            }
+            Ok(())
+        })();
+        let waits = peers(reached_by).map(|peer| events.copied[peer][me]);
+        self.close_call(queued, waits, stream)
     }
 }
 

@@ -108,6 +108,36 @@ pub trait DeviceExchange: Send + Sync {
     fn moves_own_rows(&self) -> bool {
         false
     }
+
+    /// Kernels that reach into the peers' buffers themselves, where the transport
+    /// allows it (see [`DirectAccess`]); `None` where rows move only by its copies.
+    fn direct(&self) -> Option<&dyn DirectAccess> {
+        None
+    }
+}
+
+/// Buffer addresses traded between the ranks of one call, so that each rank's
+/// kernels read or write its peers' device buffers themselves (ranks of one process
+/// with peer access), instead of the transport copying rows between them.
+pub trait DirectAccess: Sync {
+    /// One call. The work queued on `stream` before it is done before any peer
+    /// touches this rank's buffers. Each peer is told `offer[peer]` (addresses in
+    /// this rank's buffers, after the pairing words), and `kernels` gets what each
+    /// peer offered this rank; the kernels it queues on `stream` may touch the
+    /// offered buffers of the peers in `reach`. Work queued on `stream` after the
+    /// call comes after the kernels of the peers in `reached_by` that touch this
+    /// rank's buffers, and each peer's later work after this rank's kernels.
+    /// Every rank gets to the call's end, a failed one as well, so that no peer
+    /// waits for it.
+    fn direct_call(
+        &self,
+        offer: Vec<Vec<u64>>,
+        reach: &[bool],
+        reached_by: &[bool],
+        pairing: &dyn Pairing,
+        stream: u64,
+        kernels: &mut dyn FnMut(&[Vec<u64>]) -> EpResult<()>,
+    ) -> EpResult<()>;
 }
 
 /// The check every implementation makes first: one send and one receive count per

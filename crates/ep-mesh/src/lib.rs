@@ -32,7 +32,7 @@ pub use control::Control;
 pub use cuda_peer::{
     cuda_device_count, cuda_peer_comms, primary_context, run_cuda_peer, CudaPeerComm,
 };
-pub use device_exchange::{check_pairing, open_call, DeviceExchange, Pairing, Plane};
+pub use device_exchange::{check_pairing, open_call, DeviceExchange, DirectAccess, Pairing, Plane};
 #[cfg(feature = "cuda")]
 pub use hierarchical::{run_process, HierarchicalComm};
 pub use launch::Launch;

@@ -4,7 +4,10 @@ extern crate alloc;
 
 mod compute;
 mod device;
+mod redirect;
 mod runtime;
+
+pub use redirect::with_redirected_arguments;
 
 pub use device::*;
 pub use runtime::*;

@@ -700,6 +700,18 @@ impl CudaServer {
             .chain(bindings.buffers)
             .map(|binding| command.resource(binding).expect("Resource to exist."))
             .collect::<Vec<_>>();
+        // burn-ep patch: arguments redirected to another address (src/redirect.rs).
+        // The kernel reads each argument's address through its `binding`, so each
+        // redirected one points at a copy of the new address, kept until the launch.
+        let mut redirected = Vec::new();
+        for resource in resources.iter_mut() {
+            if let Some(to) = crate::redirect::redirected(resource.ptr) {
+                let address = Box::new(to);
+                resource.ptr = to;
+                resource.binding = &*address as *const u64 as *mut c_void;
+                redirected.push(address);
+            }
+        }
 
         let mut tensor_maps = Vec::with_capacity(bindings.tensor_maps.len());
 
@@ -877,6 +889,7 @@ impl CudaServer {
             info_const,
             logger,
         )?;
+        drop(redirected);
 
         Ok(())
     }
