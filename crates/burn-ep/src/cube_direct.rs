@@ -16,7 +16,7 @@ use burn_cubecl::tensor::CubeTensor;
 use ep_core::{counters, EpError, EpResult};
 
 use crate::backend::RoutePlan;
-use crate::cube::{OwnPlacement, OwnRows};
+use crate::cube::OwnRows;
 use crate::cube_exchange::alloc_planes;
 use crate::exchange::{ExchangeTag, SharedExchange};
 use crate::runtime::EpRuntime;
@@ -29,23 +29,6 @@ pub(crate) struct Direct<'a, R: EpRuntime> {
     exchange: &'a SharedExchange,
     own: OwnRows,
     peer: usize,
-}
-
-/// Where a pack puts this rank's own rows: its receive buffers, one per plane.
-pub(crate) struct Placement<'a, R: EpRuntime> {
-    own: OwnRows,
-    recv: Option<&'a [CubeTensor<R>]>,
-}
-
-impl<'a, R: EpRuntime> Placement<'a, R> {
-    /// The own rows of plane `rows`, with the expert ids in plane `ids`.
-    pub(crate) fn at(&self, rows: usize, ids: Option<usize>) -> Option<OwnPlacement<'a, R>> {
-        self.recv.map(|recv| OwnPlacement {
-            own: self.own,
-            rows: &recv[rows],
-            ids: ids.map(|i| &recv[i]),
-        })
-    }
 }
 
 impl<'a, R: EpRuntime> Direct<'a, R> {
@@ -70,20 +53,16 @@ impl<'a, R: EpRuntime> Direct<'a, R> {
     /// Rows going out. The peer is told where its rows land in `recv` (this rank's
     /// receive buffers, one per plane of `planes`); `pack` gets stand-ins for the
     /// send buffers, bound so that the send rows of the peer's segment land in the
-    /// peer's receive buffers, and the placement of this rank's own rows.
+    /// peer's receive buffers.
     pub(crate) fn push(
         &self,
         tag: ExchangeTag,
         planes: &[(usize, DType)],
         recv: Option<&[CubeTensor<R>]>,
-        pack: impl FnOnce(&[CubeTensor<R>], &Placement<'_, R>),
+        pack: impl FnOnce(&[CubeTensor<R>]),
     ) -> EpResult<()> {
         let plan = self.plan;
-        let offer = self.offer(planes, recv, &plan.recv_counts)?;
-        let placement = Placement {
-            own: self.own,
-            recv,
-        };
+        let offer = self.offer(planes, recv)?;
         let mut pack = Some(pack);
         self.call(
             tag,
@@ -92,7 +71,7 @@ impl<'a, R: EpRuntime> Direct<'a, R> {
             offer,
             &mut |stand_ins| {
                 let pack = pack.take().expect("a call runs its kernels once");
-                pack(stand_ins, &placement);
+                pack(stand_ins);
             },
         )
     }
@@ -109,7 +88,7 @@ impl<'a, R: EpRuntime> Direct<'a, R> {
         sum: impl FnOnce(&CubeTensor<R>) -> Option<CubeTensor<R>>,
     ) -> EpResult<Option<CubeTensor<R>>> {
         let plan = self.plan;
-        let offer = self.offer(planes, rows.map(std::slice::from_ref), &plan.recv_counts)?;
+        let offer = self.offer(planes, rows.map(std::slice::from_ref))?;
         let (mut sum, mut summed) = (Some(sum), None);
         // Going back, rows travel against the dispatch: the pairing is the copy
         // path's, while this rank reads where it sent and is read where it received.
@@ -126,15 +105,14 @@ impl<'a, R: EpRuntime> Direct<'a, R> {
         Ok(summed)
     }
 
-    /// What the peer is told: for each plane, where the peer's segment of
-    /// `buffers` (cut by `counts`, in rank order) starts, and its bytes.
+    /// What the peer is told: for each plane, where the peer's segment of this
+    /// rank's received-side `buffers` (in source-rank order) starts, and its bytes.
     fn offer(
         &self,
         planes: &[(usize, DType)],
         buffers: Option<&[CubeTensor<R>]>,
-        counts: &[usize],
     ) -> EpResult<Vec<Vec<u64>>> {
-        let peer = self.peer;
+        let (peer, counts) = (self.peer, &self.plan.recv_counts);
         let before: usize = counts[..peer].iter().sum();
         let mut offer = vec![Vec::new(); 2];
         for (i, &(cols, dtype)) in planes.iter().enumerate() {

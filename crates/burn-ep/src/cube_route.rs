@@ -38,47 +38,18 @@ pub(crate) fn route_rows<R: EpRuntime>(
     let own = own_rows(plan, exchange, tag)?;
     let planes = [(x.shape()[1], x.dtype)];
     let recv = alloc_planes::<R>(&plan.device, &planes, plan.received_rows());
-    if let Some(direct) = Direct::of(plan, exchange, own) {
-        let send = plan
-            .send_slots()
-            .map(|slots| (into_contiguous(x), into_contiguous(slots.clone())));
-        direct.push(tag, &planes, recv.as_deref(), |out, placement| {
-            if let Some((x, slots)) = &send {
-                let placement = placement.at(0, None);
-                launch_pack(x, slots, &out[0], None, placement, BoundsChecks::Off);
-            }
-        })?;
-        return Ok(recv.and_then(|planes| planes.into_iter().next()));
-    }
+    let placement = Placement::new(own, recv.as_deref());
     // Inputs are made contiguous only where rows are sent: CUDA refuses the
     // zero-size copy kernel a rank without tokens would launch.
-    let send = plan.send_slots().map(|slots| {
-        let sent = alloc_planes::<R>(&plan.device, &planes, plan.sent_rows())
-            .unwrap_or_else(|| unreachable!("send slots come with rows to send"));
-        let placement = own.zip(recv.as_ref()).map(|(own, recv)| OwnPlacement {
-            own,
-            rows: &recv[0],
-            ids: None,
-        });
-        let slots = into_contiguous(slots.clone());
-        launch_pack(
-            &into_contiguous(x),
-            &slots,
-            &sent[0],
-            None,
-            placement,
-            BoundsChecks::On,
-        );
-        sent
-    });
-    exchange_into(
-        tag,
-        send.as_deref(),
-        recv.as_deref(),
-        &planes,
-        outgoing(plan, own.is_some()),
-        exchange,
-    )?;
+    let inputs = plan
+        .send_slots()
+        .map(|slots| [x, slots.clone()].map(into_contiguous));
+    let pack = |out: &[CubeTensor<R>], checks| {
+        if let Some([x, slots]) = &inputs {
+            launch_pack(x, slots, &out[0], None, placement.at(0, None), checks);
+        }
+    };
+    pack_and_send(tag, plan, exchange, own, &planes, recv.as_deref(), pack)?;
     Ok(recv.and_then(|planes| planes.into_iter().next()))
 }
 
@@ -96,12 +67,16 @@ pub(crate) fn return_rows<R: EpRuntime>(
     let own = own_rows(plan, exchange, tag)?;
     let rows = rows.map(into_contiguous);
     let planes = [(cols, dtype)];
+    // Each token's sum of `back`, the rows that came back (`[S, C]`, send-side
+    // order), where this rank sent rows.
+    let sum = |back: &CubeTensor<R>, checks| {
+        let slots = plan.slots.as_ref().filter(|_| plan.sent_rows() > 0)?;
+        let slots = into_contiguous(slots.clone());
+        Some(launch_sum(back, &slots, own.zip(rows.as_ref()), checks))
+    };
     if let Some(direct) = Direct::of(plan, exchange, own) {
         return direct.pull(tag, &planes, rows.as_ref(), |back| {
-            let slots = plan.slots.as_ref().filter(|_| plan.sent_rows() > 0)?;
-            let own = own.zip(rows.as_ref());
-            let slots = into_contiguous(slots.clone());
-            Some(launch_sum(back, &slots, own, BoundsChecks::Off))
+            sum(back, BoundsChecks::Off)
         });
     }
     let back = alloc_planes::<R>(&plan.device, &planes, plan.sent_rows());
@@ -118,15 +93,7 @@ pub(crate) fn return_rows<R: EpRuntime>(
         counts,
         exchange,
     )?;
-    Ok(match (&back, &plan.slots) {
-        (Some(back), Some(slots)) => Some(launch_sum(
-            &back[0],
-            &into_contiguous(slots.clone()),
-            own.zip(rows.as_ref()),
-            BoundsChecks::On,
-        )),
-        _ => None,
-    })
+    Ok(back.and_then(|back| sum(&back[0], BoundsChecks::On)))
 }
 
 /// The exchange of a recording dispatch: `x [T, H]` and `weights [T, K]` packed,
@@ -150,78 +117,87 @@ pub(crate) fn record_exchange<R: EpRuntime>(
         (top_k, topk_idx.dtype),
     ];
     let recv = alloc_planes::<R>(&plan.device, &planes, plan.received_rows());
-    let into_array = |planes: Vec<CubeTensor<R>>| -> [CubeTensor<R>; 3] {
+    let placement = Placement::new(own, recv.as_deref());
+    // Inputs are made contiguous only where rows are sent (see `route_rows`).
+    let inputs = plan
+        .send_slots()
+        .map(|slots| [x, weights, topk_idx, slots.clone()].map(into_contiguous));
+    // The rows, then the weights with each sent row's destination-local ids, into
+    // the planes `out` stands for.
+    let pack = |out: &[CubeTensor<R>], checks| {
+        if let Some([x, weights, idx, slots]) = &inputs {
+            launch_pack(x, slots, &out[0], None, placement.at(0, None), checks);
+            let meta = MetaBuffers {
+                idx: idx.clone(),
+                out_local: out[2].clone(),
+                experts_per_rank,
+            };
+            let ids = placement.at(1, Some(2));
+            launch_pack(weights, slots, &out[1], Some(&meta), ids, checks);
+        }
+    };
+    pack_and_send(tag, plan, exchange, own, &planes, recv.as_deref(), pack)?;
+    Ok(recv.map(|planes| {
         planes
             .try_into()
             .unwrap_or_else(|_| unreachable!("one receive buffer per plane"))
-    };
-    if let Some(direct) = Direct::of(plan, exchange, own) {
-        // Inputs are made contiguous only where rows are sent (see `route_rows`).
-        let send = plan.send_slots().map(|slots| {
-            let inputs = [x, weights, topk_idx, slots.clone()];
-            inputs.map(into_contiguous)
-        });
-        direct.push(tag, &planes, recv.as_deref(), |out, placement| {
-            if let Some([x, weights, idx, slots]) = &send {
-                let rows = placement.at(0, None);
-                launch_pack(x, slots, &out[0], None, rows, BoundsChecks::Off);
-                let meta = MetaBuffers {
-                    idx: idx.clone(),
-                    out_local: out[2].clone(),
-                    experts_per_rank,
-                };
-                let weights_placement = placement.at(1, Some(2));
-                let (out, checks) = (&out[1], BoundsChecks::Off);
-                launch_pack(weights, slots, out, Some(&meta), weights_placement, checks);
-            }
-        })?;
-        return Ok(recv.map(into_array));
+    }))
+}
+
+/// Where a pack puts this rank's own rows: in its receive buffers (one per plane),
+/// where the kernels place them.
+struct Placement<'a, R: CubeRuntime> {
+    own: Option<OwnRows>,
+    recv: Option<&'a [CubeTensor<R>]>,
+}
+
+impl<'a, R: CubeRuntime> Placement<'a, R> {
+    fn new(own: Option<OwnRows>, recv: Option<&'a [CubeTensor<R>]>) -> Self {
+        Self { own, recv }
     }
-    // Inputs are made contiguous only where rows are sent (see `route_rows`).
-    let send = plan.send_slots().map(|slots| {
-        let (x, weights) = (into_contiguous(x), into_contiguous(weights));
-        let slots = into_contiguous(slots.clone());
-        let sent = alloc_planes::<R>(&plan.device, &planes, plan.sent_rows())
+
+    /// The own rows of plane `rows`, with the expert ids in plane `ids`; `None`
+    /// where the transport moves them, or nothing comes.
+    fn at(&self, rows: usize, ids: Option<usize>) -> Option<OwnPlacement<'a, R>> {
+        let (own, recv) = (self.own?, self.recv?);
+        Some(OwnPlacement {
+            own,
+            rows: &recv[rows],
+            ids: ids.map(|i| &recv[i]),
+        })
+    }
+}
+
+/// Packs this rank's rows with `pack` (into the buffers it is given, one per plane
+/// of `planes`, with or without bounds checks) and moves them along the route into
+/// `recv`: on the direct route the pack writes the peer's rows straight into the
+/// peer's buffers; otherwise into send buffers, which the transport moves.
+fn pack_and_send<R: EpRuntime>(
+    tag: ExchangeTag,
+    plan: &CubePlan<R>,
+    exchange: &SharedExchange,
+    own: Option<OwnRows>,
+    planes: &[(usize, DType)],
+    recv: Option<&[CubeTensor<R>]>,
+    pack: impl Fn(&[CubeTensor<R>], BoundsChecks),
+) -> EpResult<()> {
+    if let Some(direct) = Direct::of(plan, exchange, own) {
+        return direct.push(tag, planes, recv, |out| pack(out, BoundsChecks::Off));
+    }
+    let send = plan.send_slots().map(|_| {
+        let sent = alloc_planes::<R>(&plan.device, planes, plan.sent_rows())
             .unwrap_or_else(|| unreachable!("send slots come with rows to send"));
-        let placement = |rows: usize, ids: Option<usize>| {
-            own.zip(recv.as_ref()).map(|(own, recv)| OwnPlacement {
-                own,
-                rows: &recv[rows],
-                ids: ids.map(|i| &recv[i]),
-            })
-        };
-        launch_pack(
-            &x,
-            &slots,
-            &sent[0],
-            None,
-            placement(0, None),
-            BoundsChecks::On,
-        );
-        let meta = MetaBuffers {
-            idx: into_contiguous(topk_idx),
-            out_local: sent[2].clone(),
-            experts_per_rank,
-        };
-        launch_pack(
-            &weights,
-            &slots,
-            &sent[1],
-            Some(&meta),
-            placement(1, Some(2)),
-            BoundsChecks::On,
-        );
+        pack(&sent, BoundsChecks::On);
         sent
     });
     exchange_into(
         tag,
         send.as_deref(),
-        recv.as_deref(),
-        &planes,
+        recv,
+        planes,
         outgoing(plan, own.is_some()),
         exchange,
-    )?;
-    Ok(recv.map(into_array))
+    )
 }
 
 /// The counts of a route going out; `local_placed` when the pack placed this

@@ -342,9 +342,7 @@ impl SharedExchange {
         local_placed: bool,
         stream: u64,
     ) -> EpResult<()> {
-        let transport = self.0.rows.device().ok_or_else(|| {
-            EpError::Transport("this transport has no device path for rows".into())
-        })?;
+        let transport = self.device_transport()?;
         self.check_healthy()?;
         let pairing = self.pairing(tag, send_counts, recv_counts);
         counters::exchange();
@@ -357,20 +355,17 @@ impl SharedExchange {
             stream,
         )
     }
-}
 
-impl SharedExchange {
     /// Whether this rank's kernels can reach into its peers' buffers (see
     /// [`ep_mesh::DirectAccess`]).
     pub(crate) fn has_direct_access(&self) -> bool {
         self.0.rows.device().is_some_and(|d| d.direct().is_some())
     }
 
-    /// The checked direct path (see [`ep_mesh::DirectAccess::direct_call`]): the pairing is
-    /// checked in the message that carries `offer`; `kernels` may touch the offered
-    /// buffers of the peers in `reach`, and the peers in `reached_by` touch this
-    /// rank's.
-    #[allow(clippy::too_many_arguments)]
+    /// The checked direct path (see [`ep_mesh::DirectAccess::direct_call`]): the
+    /// pairing is checked in the message that carries `offer`; `kernels` may touch
+    /// the offered buffers of the peers in `reach`, and the peers in `reached_by`
+    /// touch this rank's.
     pub(crate) fn direct_call(
         &self,
         tag: ExchangeTag,
@@ -380,20 +375,20 @@ impl SharedExchange {
         stream: u64,
         kernels: &mut dyn FnMut(&[Vec<u64>]) -> EpResult<()>,
     ) -> EpResult<()> {
-        let direct = self
-            .0
-            .rows
-            .device()
-            .and_then(|d| d.direct())
-            .ok_or_else(|| {
-                EpError::Transport(
-                    "this transport gives kernels no access to peers' buffers".into(),
-                )
-            })?;
+        let direct = self.device_transport()?.direct().ok_or_else(|| {
+            EpError::Transport("this transport gives kernels no access to peers' buffers".into())
+        })?;
         self.check_healthy()?;
         let pairing = self.pairing(tag, send_counts, recv_counts);
         counters::exchange();
         direct.direct_call(offer, reach, reached_by, &pairing, stream, kernels)
+    }
+
+    fn device_transport(&self) -> EpResult<&dyn DeviceExchange> {
+        self.0
+            .rows
+            .device()
+            .ok_or_else(|| EpError::Transport("this transport has no device path for rows".into()))
     }
 }
 

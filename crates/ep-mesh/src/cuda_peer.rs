@@ -26,10 +26,10 @@
 //!    the copies out of them: work queued after the call sees the rows, and no
 //!    buffer is released under a running copy.
 //!
-//! In a two-rank group on one GPU burn-ep's kernels skip the copies: the ranks trade buffer
-//! addresses instead of rows, and each rank's kernels write or read the peer's
-//! buffers themselves ([`DirectAccess`], the same events standing in the caller's
-//! stream for the copy streams).
+//! In a two-rank group on one GPU burn-ep's kernels skip the copies: the ranks
+//! trade buffer addresses instead of rows, and each rank's kernels write or read
+//! the peer's buffers themselves ([`DirectAccess`], the same events standing in
+//! the caller's stream for the copy streams).
 //!
 //! The events are reused from call to call without a race: a rank records its
 //! ready event for call N+1 only after the barrier of call N, by which time every
@@ -448,7 +448,7 @@ impl CudaPeerComm {
     fn close_call(
         &self,
         queued: EpResult<()>,
-        waits: impl Iterator<Item = Raw<sys::CUevent>>,
+        mut waits: impl Iterator<Item = Raw<sys::CUevent>>,
         stream: sys::CUstream,
     ) -> EpResult<()> {
         counters::control_message();
@@ -461,9 +461,7 @@ impl CudaPeerComm {
             .into_iter()
             .enumerate()
             .find_map(|(rank, s)| s.err().map(|reason| (rank, reason)));
-        let ordered = waits
-            .into_iter()
-            .try_for_each(|event| wait_on(stream, event.0));
+        let ordered = waits.try_for_each(|event| wait_on(stream, event.0));
         if queued.is_err() || failed.is_some() || ordered.is_err() {
             self.drain_copies();
             queued?;
